@@ -1,0 +1,832 @@
+"""What every script of this project shares, and nothing a single method owns.
+
+Sections, in order:
+  1. errors            -- `fail()`: one clear line and a non-zero exit for bad input
+  2. device, precision -- `--device`, `--amp`, seeding, torchrun / DistributedDataParallel set-up
+  3. datasets          -- cifar10/100, stl10, mnist, imagenette (downloaded), any folder, synthetic `shapes`,
+                          all turned into uint8 tensors (N, 3, S, S) that are decoded and resized once
+  4. augmentations     -- batched, on the training device, independent random parameters per image;
+                          each method composes its own recipe from these blocks in its own file
+  5. backbones         -- torchvision ResNet-18/34/50 (with a small-image stem and a width option) and the
+                          DeepCluster AlexNet (BatchNorm, optional Sobel input); each returns h and has .feature_dim
+  6. checkpoints, logs -- one checkpoint format, atomic writes, `load_encoder`, progress/ETA, metrics.jsonl, curves.png
+"""
+import argparse
+import glob
+import hashlib
+import json
+import math
+import os
+import random
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from PIL import Image, ImageDraw
+from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
+from torchvision.models.resnet import BasicBlock, Bottleneck
+
+CKPT_FORMAT = "minimal-ssl/1"  # every checkpoint of this project carries this tag
+MEAN = torch.tensor([0.485, 0.456, 0.406])  # ImageNet statistics, used for every dataset
+STD = torch.tensor([0.229, 0.224, 0.225])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 1. Errors: bad input stops the run with one line that names the problem (SystemExit prints it, exit status 1).
+# ----------------------------------------------------------------------------------------------------------------
+def fail(message):
+    raise SystemExit(f"error: {message}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 2. Device, precision, seeding, distributed
+# ----------------------------------------------------------------------------------------------------------------
+def add_common_args(parser, backbone="resnet18"):
+    """The flags every training script has (data, model, device, run folder). Method flags stay in each file."""
+    g = parser.add_argument_group("data, model, device and run (shared by every script)")
+    g.add_argument("--data", default="shapes", help=f"dataset: one of {', '.join(DATASETS)}, or a folder path "
+                   "(class sub-folders, either directly or under train/ and val/ or test/)")
+    g.add_argument("--data-dir", default="./data", help="where datasets are downloaded and decoded caches kept")
+    g.add_argument("--img-size", type=int, default=None, help="training resolution in px (default: the dataset's)")
+    g.add_argument("--imagenette-size", default="160px", choices=list(IMAGENETTE), help="which Imagenette archive")
+    g.add_argument("--backbone", default=backbone, choices=list(BACKBONES), help="encoder architecture")
+    g.add_argument("--width", type=int, default=64, help="base width (64 = the standard network; 16 or 32 for CPU)")
+    g.add_argument("--no-sobel", action="store_true", help="AlexNet only: no fixed Sobel input layer (RGB input)")
+    g.add_argument("--workers", type=int, default=4, help="DataLoader worker processes for large images and decoding")
+    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="auto: cuda, mps, cpu")
+    g.add_argument("--amp", default="auto", choices=["auto", "off", "bf16", "fp16"],
+                   help="mixed precision on CUDA (auto: bf16 if supported, else fp16 with a GradScaler; off elsewhere)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--seed", type=int, default=0, help="seed of python, numpy and torch")
+    g.add_argument("--out", default=None, help="run folder (default runs/<method>-<data>-<time>)")
+    g.add_argument("--resume", default=None, help="checkpoint (last.pt) to continue from, same epoch, step and lr")
+    g.add_argument("--log-every", type=int, default=20, help="print a progress line every N steps")
+    return parser
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def get_device(name="auto"):
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        fail("--device cuda but no CUDA device is available (use --device auto or cpu)")
+    if name == "mps" and not torch.backends.mps.is_available():
+        fail("--device mps but MPS is not available (use --device auto or cpu)")
+    if name == "cuda" and "LOCAL_RANK" in os.environ:
+        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    return torch.device(name)
+
+
+def setup_amp(amp, device):
+    """Returns (autocast, scaler): `with autocast(): ...` for the forward pass, scaler for fp16 loss scaling."""
+    if amp == "auto":
+        amp = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if device.type == "cuda" else "off"
+    if amp != "off" and device.type != "cuda":
+        fail(f"--amp {amp} needs a CUDA device (this run is on {device.type}); use --amp off or auto")
+    dtype = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+    scaler = torch.amp.GradScaler(device.type, enabled=(amp == "fp16"))
+
+    def autocast():
+        return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+    return autocast, scaler
+
+
+def setup_distributed(device):
+    """Under `torchrun`, join the process group (nccl on CUDA, gloo on CPU). Returns (rank, world_size)."""
+    if "RANK" not in os.environ:
+        return 0, 1
+    if not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+class AllReduceBatchNorm(nn.BatchNorm2d):
+    """BatchNorm over the global batch of every rank, for CPU/gloo where nn.SyncBatchNorm (CUDA only) cannot run.
+
+    Per-channel sum, sum of squares and count are all-reduced with a differentiable all_reduce, so the output and
+    the gradients are those of one BatchNorm over the concatenated batch. Works for (N, C) and (N, C, H, W) inputs.
+    """
+    def _check_input_dim(self, x):
+        if x.dim() not in (2, 4):
+            raise ValueError(f"expected 2D or 4D input, got {x.dim()}D")
+
+    def forward(self, x):
+        if not (self.training and dist.is_initialized() and dist.get_world_size() > 1):
+            return super().forward(x)
+        import torch.distributed.nn.functional as dist_nn
+        dims = [0] + list(range(2, x.dim()))
+        C, count = x.shape[1], x.numel() // x.shape[1]
+        stats = torch.cat([x.sum(dims), (x * x).sum(dims), x.new_tensor([float(count)])])
+        stats = dist_nn.all_reduce(stats)  # sums over ranks, gradient flows back to every rank
+        n = stats[-1]
+        mean = stats[:C] / n
+        var = stats[C:2 * C] / n - mean * mean  # biased variance over the global batch
+        with torch.no_grad():
+            self.num_batches_tracked += 1
+            m = self.momentum
+            self.running_mean.mul_(1 - m).add_(m * mean.detach())
+            self.running_var.mul_(1 - m).add_(m * var.detach() * n / (n - 1))
+        shape = [1, C] + [1] * (x.dim() - 2)
+        x = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        return x * self.weight.view(shape) + self.bias.view(shape)
+
+
+def convert_sync_batchnorm(model, device):
+    """Every BatchNorm normalises over the global batch: nn.SyncBatchNorm on CUDA, AllReduceBatchNorm elsewhere."""
+    if device.type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    for name, child in model.named_children():
+        if isinstance(child, nn.modules.batchnorm._BatchNorm) and not isinstance(child, AllReduceBatchNorm):
+            new = AllReduceBatchNorm(child.num_features, child.eps, child.momentum, child.affine,
+                                     child.track_running_stats)
+            new.load_state_dict(child.state_dict())
+            setattr(model, name, new)
+        else:
+            convert_sync_batchnorm(child, device)
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 3. Datasets. Every split becomes images: uint8 (N, 3, S, S), labels: int64 (N,) (-1 = no label), classes: [str].
+#    Images are decoded and resized once; the result is cached as .npy under <data-dir>/cache. Small images
+#    (<= 96 px) are then held in memory; larger ones are memory-mapped and read by DataLoader workers.
+# ----------------------------------------------------------------------------------------------------------------
+DATASETS = ["cifar10", "cifar100", "stl10", "stl10-unlabeled", "mnist", "imagenette", "shapes"]
+IMAGENETTE = torchvision.datasets.Imagenette._ARCHIVES  # {"160px": (url, md5), "320px": ..., "full": ...}
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+SMALL = 96  # at most this many pixels a side: held in memory
+
+
+class Split:
+    def __init__(self, images, labels, classes):
+        self.images, self.labels, self.classes = images, labels, classes
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, idx):  # idx: a list of indices (a whole batch is read at once)
+        idx = torch.as_tensor(idx)
+        return self.images[idx], self.labels[idx]
+
+
+class Data:
+    """train: what pre-training sees (labels unused); memory: labelled training split (kNN memory bank, probes);
+    test: labelled evaluation queries."""
+    def __init__(self, name, img_size, train, memory, test):
+        self.name, self.img_size, self.train, self.memory, self.test = name, img_size, train, memory, test
+        self.num_classes = len(test.classes)
+
+
+def load_dataset(name, data_dir="./data", img_size=None, imagenette_size="160px", workers=4, url=None, md5=None,
+                 shapes_n=(5000, 1000), seed=0, log=print):
+    """Load a dataset by name or folder path. `url`/`md5` override the Imagenette archive (tests use file://)."""
+    if name in DATASETS:
+        pass
+    elif os.path.isdir(name):
+        return load_folder(name, data_dir, img_size, workers, log)
+    elif os.sep in name or name.startswith("."):
+        fail(f"dataset folder not found: {name}")
+    else:
+        fail(f"unknown dataset '{name}': expected one of {', '.join(DATASETS)}, or a folder path")
+    if img_size is not None and img_size < 8:
+        fail(f"--img-size {img_size} is too small (at least 8)")
+    if name == "shapes":
+        size = img_size or 32
+        tr = make_shapes(shapes_n[0], size, seed=seed)
+        te = make_shapes(shapes_n[1], size, seed=seed + 1_000_003)
+        return Data("shapes", size, tr, tr, te)
+    if name == "imagenette":
+        root = download_imagenette(data_dir, imagenette_size, url, md5, log)
+        return load_folder(root, data_dir, img_size or 128, workers, log, name="imagenette")
+    tv = torchvision.datasets
+    root = os.path.join(data_dir, name.split("-")[0])
+    try:
+        if name in ("cifar10", "cifar100"):
+            cls = tv.CIFAR10 if name == "cifar10" else tv.CIFAR100
+            parts = [cls(root, train=t, download=True) for t in (True, False)]
+            parts = [(torch.from_numpy(p.data).permute(0, 3, 1, 2), torch.tensor(p.targets), p.classes) for p in parts]
+        elif name == "mnist":
+            parts = [tv.MNIST(root, train=t, download=True) for t in (True, False)]
+            parts = [(p.data[:, None].expand(-1, 3, -1, -1), p.targets, p.classes) for p in parts]
+        else:  # stl10: pre-train on the 100k unlabelled images (plus the 5k labelled ones for "stl10")
+            splits = ["train+unlabeled" if name == "stl10" else "unlabeled", "train", "test"]
+            stl = [tv.STL10(root, split=s, download=True) for s in splits]
+            parts = [(torch.from_numpy(p.data), torch.from_numpy(p.labels).long(), p.classes) for p in stl]
+    except (OSError, RuntimeError) as e:  # no network, broken archive, ...
+        fail(f"could not download or read {name} into {root}: {e}")
+    size = img_size or parts[0][0].shape[-1]
+    splits = [Split(resize_uint8(x, size), y.long(), list(c)) for x, y, c in parts]
+    if len(splits) == 2:
+        splits = [splits[0], splits[0], splits[1]]
+    return Data(name, size, *splits)
+
+
+def download_imagenette(data_dir, size="160px", url=None, md5=None, log=print):
+    """fast.ai's Imagenette: download the archive, verify its md5, extract; returns the folder holding train/, val/."""
+    from torchvision.datasets.utils import check_integrity, download_and_extract_archive
+    if size not in IMAGENETTE:
+        fail(f"unknown Imagenette size '{size}': expected one of {', '.join(IMAGENETTE)}")
+    default_url, default_md5 = IMAGENETTE[size]
+    url, md5 = url or default_url, md5 or (default_md5 if url is None else None)
+    filename = os.path.basename(url)
+    folder = os.path.join(data_dir, filename.split(".")[0])
+    if os.path.isdir(os.path.join(folder, "train")):
+        return folder
+    archive = os.path.join(data_dir, filename)
+    if os.path.exists(archive) and md5 and not check_integrity(archive, md5):
+        os.remove(archive)  # a half-downloaded or corrupt archive: fetch it again
+    log(f"downloading {url} to {data_dir} ...")
+    try:
+        download_and_extract_archive(url, data_dir, filename=filename, md5=md5)
+    except Exception as e:
+        fail(f"could not download or extract {url}: {e}")
+    if not os.path.isdir(os.path.join(folder, "train")):
+        fail(f"{archive} did not contain {os.path.basename(folder)}/train")
+    return folder
+
+
+def load_folder(root, data_dir, img_size, workers, log=print, name=None):
+    """A folder of class sub-folders: root/{train,val|test}/<class>/*.jpg, or one tree root/<class>/*.jpg (then a
+    deterministic 10% per class is held out as the test split; its labels are only used for evaluation)."""
+    root = os.path.abspath(root)
+    test_dir = next((os.path.join(root, d) for d in ("val", "test") if os.path.isdir(os.path.join(root, d))), None)
+    if os.path.isdir(os.path.join(root, "train")):
+        if test_dir is None:
+            fail(f"{root} has train/ but neither val/ nor test/")
+        train_files, train_labels, classes = list_images(os.path.join(root, "train"))
+        test_files, test_labels, test_classes = list_images(test_dir, classes)
+    else:
+        files, labels, classes = list_images(root)
+        order = torch.randperm(len(files), generator=torch.Generator().manual_seed(0)).tolist()
+        held = set()
+        for c in range(len(classes)):  # every 10th image of each class, in a seeded order
+            of_c = [i for i in order if labels[i] == c]
+            held.update(of_c[:max(1, len(of_c) // 10)])
+        train_idx = [i for i in range(len(files)) if i not in held]
+        test_idx = sorted(held)
+        train_files, train_labels = [files[i] for i in train_idx], [labels[i] for i in train_idx]
+        test_files, test_labels = [files[i] for i in test_idx], [labels[i] for i in test_idx]
+    if img_size is None:
+        with Image.open(train_files[0]) as im:
+            img_size = min(min(im.size), 224)
+    tr = Split(*decode_images(train_files, img_size, data_dir, workers, log), classes)
+    te = Split(*decode_images(test_files, img_size, data_dir, workers, log), classes)
+    tr.labels, te.labels = torch.tensor(train_labels), torch.tensor(test_labels)
+    return Data(name or os.path.basename(root), img_size, tr, tr, te)
+
+
+def list_images(folder, classes=None):
+    """(files, labels, classes) of a class-sub-folder tree; `classes` fixes the class order (for val/)."""
+    found = sorted(d.name for d in os.scandir(folder) if d.is_dir())
+    if not found:
+        fail(f"no class sub-folders in {folder} (expected {folder}/<class>/<image files>)")
+    if classes is not None and set(found) - set(classes):
+        fail(f"{folder} has classes that the training split lacks: {sorted(set(found) - set(classes))}")
+    classes = classes or found
+    files, labels = [], []
+    for c in found:
+        fs = sorted(f for f in glob.glob(os.path.join(folder, c, "**", "*"), recursive=True)
+                    if f.lower().endswith(IMG_EXTENSIONS))
+        if not fs:
+            fail(f"class folder {os.path.join(folder, c)} has no images ({', '.join(IMG_EXTENSIONS)})")
+        files += fs
+        labels += [classes.index(c)] * len(fs)
+    return files, labels, classes
+
+
+def _decode_one(path, size):
+    """Open, convert to RGB, resize the shorter side to `size` and center-crop; None if the file is unreadable."""
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            w, h = im.size
+            s = size / min(w, h)
+            im = im.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BICUBIC)
+            w, h = im.size
+            left, top = (w - size) // 2, (h - size) // 2
+            return np.asarray(im.crop((left, top, left + size, top + size))).transpose(2, 0, 1).copy()
+    except Exception:
+        return None
+
+
+class _Files(torch.utils.data.Dataset):
+    def __init__(self, files, size):
+        self.files, self.size = files, size
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        return i, _decode_one(self.files[i], self.size)
+
+
+def decode_images(files, size, data_dir, workers=4, log=print):
+    """Decode every file once into uint8 (N, 3, size, size), in parallel, cached as .npy under <data-dir>/cache.
+    Returns (images, None): labels are filled in by the caller."""
+    key = hashlib.sha1(json.dumps([size] + [(f, os.path.getsize(f)) for f in files]).encode()).hexdigest()[:16]
+    cache = os.path.join(data_dir, "cache", f"images-{size}px-{len(files)}-{key}.npy")
+    if not os.path.exists(cache):
+        os.makedirs(os.path.dirname(cache), exist_ok=True)
+        tmp = cache + f".tmp{os.getpid()}"
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(files), 3, size, size))
+        loader = DataLoader(_Files(files, size), batch_size=None, num_workers=workers)
+        t0 = time.time()
+        for n, (i, arr) in enumerate(loader, 1):
+            if arr is None:
+                fail(f"cannot read image file {files[i]}")
+            out[i] = arr
+            if n % 2000 == 0 or n == len(files):
+                log(f"decoded {n}/{len(files)} images at {size}px ({n / (time.time() - t0):.0f}/s)")
+        out.flush()
+        del out
+        os.replace(tmp, cache)
+    images = np.load(cache, mmap_mode="c" if size > SMALL else None)
+    return torch.from_numpy(images), None
+
+
+def resize_uint8(x, size):
+    """uint8 (N, 3, H, W) -> uint8 (N, 3, size, size), antialiased, in chunks (done once, at load time)."""
+    if x.shape[-1] == size and x.shape[-2] == size:
+        return x.contiguous()
+    out = [F.interpolate(c.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+           for c in x.split(2048)]
+    return torch.cat(out).round().clamp(0, 255).to(torch.uint8)
+
+
+SHAPES = ["circle", "ring", "triangle", "square", "pentagon", "star", "cross", "crescent", "arrow", "bar"]
+
+
+def make_shapes(n, size=32, seed=0):
+    """The synthetic `shapes` dataset: one of 10 shapes with a random colour, size, position and rotation on a
+    random two-colour gradient background with noise. Deterministic given (n, size, seed); needs no download.
+    Colour carries no label information, so a random-init encoder (which keys on colour) does poorly."""
+    rng = np.random.default_rng(seed)
+    labels = torch.from_numpy(rng.integers(0, len(SHAPES), n)).long()
+    images = np.empty((n, 3, size, size), np.uint8)
+    S = 4 * size  # draw at 4x, then downsample: antialiased edges
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    for i in range(n):
+        c0, c1 = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
+        a = rng.uniform(0, 2 * np.pi)
+        t = (np.cos(a) * xx + np.sin(a) * yy + 1.5) / 3  # linear gradient between two random colours
+        bg = c0[:, None, None] * (1 - t) + c1[:, None, None] * t
+        fg = rng.uniform(0, 255, 3)
+        while np.abs(fg - (c0 + c1) / 2).sum() < 150:  # keep the shape visible against its background
+            fg = rng.uniform(0, 255, 3)
+        mask = Image.new("L", (S, S), 0)
+        r = rng.uniform(0.22, 0.42) * S
+        cx, cy = rng.uniform(r, S - r, 2)
+        _draw_shape(ImageDraw.Draw(mask), SHAPES[labels[i]], cx, cy, r, rng.uniform(0, 2 * np.pi))
+        m = np.asarray(mask.resize((size, size), Image.LANCZOS), np.float32)[None] / 255
+        img = bg * (1 - m) + fg[:, None, None] * m + rng.normal(0, 12, (3, size, size))
+        images[i] = np.clip(img, 0, 255).astype(np.uint8)
+    return Split(torch.from_numpy(images), labels, list(SHAPES))
+
+
+def _draw_shape(d, shape, cx, cy, r, rot):
+    def poly(k, radii=(1.0,), phase=0.0):
+        pts = []
+        for j in range(k * len(radii)):
+            ang = rot + phase + 2 * np.pi * j / (k * len(radii))
+            rr = r * radii[j % len(radii)]
+            pts.append((cx + rr * np.cos(ang), cy + rr * np.sin(ang)))
+        return pts
+
+    def rotated(points):  # points in units of r around the centre
+        c, s = np.cos(rot), np.sin(rot)
+        return [(cx + r * (x * c - y * s), cy + r * (x * s + y * c)) for x, y in points]
+    box = (cx - r, cy - r, cx + r, cy + r)
+    if shape == "circle":
+        d.ellipse(box, fill=255)
+    elif shape == "ring":
+        d.ellipse(box, fill=255)
+        d.ellipse((cx - 0.55 * r, cy - 0.55 * r, cx + 0.55 * r, cy + 0.55 * r), fill=0)
+    elif shape == "triangle":
+        d.polygon(poly(3), fill=255)
+    elif shape == "square":
+        d.polygon(poly(4), fill=255)
+    elif shape == "pentagon":
+        d.polygon(poly(5), fill=255)
+    elif shape == "star":
+        d.polygon(poly(5, (1.0, 0.4)), fill=255)
+    elif shape == "cross":
+        d.polygon(rotated([(-1, -.3), (-.3, -.3), (-.3, -1), (.3, -1), (.3, -.3), (1, -.3), (1, .3), (.3, .3),
+                           (.3, 1), (-.3, 1), (-.3, .3), (-1, .3)]), fill=255)
+    elif shape == "crescent":
+        d.ellipse(box, fill=255)
+        ox, oy = cx + 0.5 * r * np.cos(rot), cy + 0.5 * r * np.sin(rot)
+        d.ellipse((ox - 0.85 * r, oy - 0.85 * r, ox + 0.85 * r, oy + 0.85 * r), fill=0)
+    elif shape == "arrow":
+        d.polygon(rotated([(-1, -.25), (.1, -.25), (.1, -.7), (1, 0), (.1, .7), (.1, .25), (-1, .25)]), fill=255)
+    elif shape == "bar":
+        d.polygon(rotated([(-1, -.22), (1, -.22), (1, .22), (-1, .22)]), fill=255)
+
+
+def make_loader(split, batch_size, shuffle, drop_last=False, workers=0, seed=0, rank=0, world=1):
+    """Batches of (uint8 images, labels) from a Split. Each rank gets its own shard (DistributedSampler, also used
+    for one process); call `loader.sampler.sampler.set_epoch(epoch)` for a new, reproducible order.
+    In-memory small images need no workers; memory-mapped large images are read by `workers` processes."""
+    workers = 0 if split.images.shape[-1] <= SMALL else workers
+    sampler = DistributedSampler(split, num_replicas=world, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last)
+    batches = BatchSampler(sampler, batch_size, drop_last)
+    if drop_last and len(batches) == 0:
+        fail(f"batch size {batch_size * world} is larger than the dataset ({len(split)} images)")
+    return DataLoader(split, batch_size=None, sampler=batches, num_workers=workers,
+                      pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 4. Augmentations: batched on the device, each image with its own random parameters. Input/output: float images
+#    (N, 3, H, W) in [0, 1] (normalize() last). A per-image coin flip `p` picks which images get a transform.
+# ----------------------------------------------------------------------------------------------------------------
+def to_float(x):
+    """uint8 (N, 3, H, W) on any device -> float in [0, 1]."""
+    return x.float().div_(255)
+
+
+def normalize(x):
+    return (x - MEAN.to(x.device).view(1, 3, 1, 1)) / STD.to(x.device).view(1, 3, 1, 1)
+
+
+def denormalize(x):
+    return x * STD.to(x.device).view(1, 3, 1, 1) + MEAN.to(x.device).view(1, 3, 1, 1)
+
+
+def _coin(x, p):
+    return (torch.rand(x.shape[0], device=x.device) < p).view(-1, 1, 1, 1)
+
+
+def random_resized_crop(x, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+    """Crop a random area fraction `scale` and aspect `ratio` of each image and resize it to size x size
+    (bilinear), as torchvision's RandomResizedCrop: 10 tries per image, else the whole image."""
+    N, _, H, W = x.shape
+    dev = x.device
+    area = torch.empty(N, 10, device=dev).uniform_(*scale) * H * W
+    logr = torch.empty(N, 10, device=dev).uniform_(math.log(ratio[0]), math.log(ratio[1]))
+    w, h = (area * logr.exp()).sqrt().round(), (area / logr.exp()).sqrt().round()
+    ok = (w <= W) & (h <= H) & (w > 0) & (h > 0)
+    first = ok.float().argmax(1)  # first valid try per image
+    w, h = w.gather(1, first[:, None])[:, 0], h.gather(1, first[:, None])[:, 0]
+    none = ~ok.any(1)
+    w, h = torch.where(none, torch.full_like(w, W), w), torch.where(none, torch.full_like(h, H), h)
+    x0 = (torch.rand(N, device=dev) * (W - w + 1)).floor()
+    y0 = (torch.rand(N, device=dev) * (H - h + 1)).floor()
+    # the crop as an affine map of normalised coordinates [-1, 1] (align_corners=False)
+    theta = torch.zeros(N, 2, 3, device=dev)
+    theta[:, 0, 0], theta[:, 1, 1] = w / W, h / H
+    theta[:, 0, 2], theta[:, 1, 2] = (2 * x0 + w) / W - 1, (2 * y0 + h) / H - 1
+    grid = F.affine_grid(theta, (N, x.shape[1], size, size), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def center_resize(x, size):
+    """Deterministic resize of the whole image (evaluation)."""
+    if x.shape[-1] == size:
+        return x
+    return F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+
+
+def random_flip(x, p=0.5):
+    return torch.where(_coin(x, p), x.flip(-1), x)
+
+
+def _gray(x):
+    return (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
+
+
+def _rgb_to_hsv(x):
+    r, g, b = x.unbind(1)
+    mx, mn = x.max(1).values, x.min(1).values
+    d = mx - mn
+    ds = torch.where(d == 0, torch.ones_like(d), d)
+    h = torch.where(mx == r, ((g - b) / ds) % 6, torch.where(mx == g, (b - r) / ds + 2, (r - g) / ds + 4))
+    h = torch.where(d == 0, torch.zeros_like(h), h) / 6
+    s = torch.where(mx == 0, torch.zeros_like(d), d / torch.where(mx == 0, torch.ones_like(mx), mx))
+    return h, s, mx
+
+
+def _hsv_to_rgb(h, s, v):
+    k = torch.stack([(5 + h * 6) % 6, (3 + h * 6) % 6, (1 + h * 6) % 6], 1)  # (N, 3, H, W)
+    return v[:, None] - (v * s)[:, None] * k.clamp(max=1).minimum(4 - k).clamp(min=0)
+
+
+def color_jitter(x, brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1, p=0.8):
+    """Per image, with probability p: brightness, contrast, saturation and hue factors drawn independently
+    (uniform in [1-b, 1+b], ..., hue shift in [-hue, hue]), applied in a random order (one order per batch)."""
+    N, dev = x.shape[0], x.device
+
+    def factor(s):
+        return torch.empty(N, 1, 1, 1, device=dev).uniform_(max(0.0, 1 - s), 1 + s)
+    y = x
+    for op in torch.randperm(4).tolist():
+        if op == 0 and brightness > 0:
+            y = (y * factor(brightness)).clamp(0, 1)
+        elif op == 1 and contrast > 0:
+            mean = _gray(y).mean((1, 2, 3), keepdim=True)
+            y = (mean + factor(contrast) * (y - mean)).clamp(0, 1)
+        elif op == 2 and saturation > 0:
+            g = _gray(y)
+            y = (g + factor(saturation) * (y - g)).clamp(0, 1)
+        elif op == 3 and hue > 0:
+            h, s, v = _rgb_to_hsv(y)
+            h = (h + torch.empty(N, 1, 1, device=dev).uniform_(-hue, hue)) % 1.0
+            y = _hsv_to_rgb(h, s, v).clamp(0, 1)
+    return torch.where(_coin(x, p), y, x)
+
+
+def random_grayscale(x, p=0.2):
+    return torch.where(_coin(x, p), _gray(x).expand_as(x), x)
+
+
+def gaussian_blur(x, kernel_size, sigma=(0.1, 2.0), p=0.5):
+    """Per image, with probability p, a Gaussian blur with sigma ~ U(sigma) (separable, reflect padding)."""
+    N, C, H, W = x.shape
+    k = kernel_size + (kernel_size % 2 == 0)  # odd
+    s = torch.empty(N, 1, device=x.device).uniform_(*sigma)
+    t = torch.arange(k, device=x.device, dtype=x.dtype) - k // 2
+    w = torch.exp(-t[None] ** 2 / (2 * s ** 2))
+    w = (w / w.sum(1, keepdim=True)).repeat_interleave(C, 0)  # (N*C, k): one kernel per image and channel
+    y = F.pad(x.reshape(1, N * C, H, W), (k // 2,) * 4, mode="reflect")
+    y = F.conv2d(y, w.view(N * C, 1, 1, k), groups=N * C)
+    y = F.conv2d(y, w.view(N * C, 1, k, 1), groups=N * C).view(N, C, H, W)
+    return torch.where(_coin(x, p), y, x)
+
+
+def solarize(x, threshold=0.5, p=0.2):
+    return torch.where(_coin(x, p), torch.where(x >= threshold, 1 - x, x), x)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 5. Backbones: forward(x) returns the representation h (N, feature_dim); no classifier.
+# ----------------------------------------------------------------------------------------------------------------
+class ResNet(torchvision.models.ResNet):
+    """torchvision's ResNet (its blocks, _make_layer and forward) with base width `width` (64 = the standard
+    network) and, for images <= 64 px, the small-image stem of SimCLR's CIFAR ResNet (3x3 conv, stride 1, no max-pool)."""
+    def __init__(self, depth=18, width=64, small_stem=False):
+        block, layers = {18: (BasicBlock, [2, 2, 2, 2]), 34: (BasicBlock, [3, 4, 6, 3]),
+                         50: (Bottleneck, [3, 4, 6, 3])}[depth]
+        nn.Module.__init__(self)
+        self._norm_layer, self.dilation, self.groups, self.base_width, self.inplanes = nn.BatchNorm2d, 1, 1, 64, width
+        if small_stem:
+            self.conv1, self.maxpool = nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.Identity()
+        else:
+            self.conv1, self.maxpool = nn.Conv2d(3, width, 7, 2, 3, bias=False), nn.MaxPool2d(3, 2, 1)
+        self.bn1, self.relu = nn.BatchNorm2d(width), nn.ReLU(inplace=True)
+        self.layer1 = self._make_layer(block, width, layers[0])
+        self.layer2 = self._make_layer(block, width * 2, layers[1], stride=2)
+        self.layer3 = self._make_layer(block, width * 4, layers[2], stride=2)
+        self.layer4 = self._make_layer(block, width * 8, layers[3], stride=2)
+        self.avgpool, self.fc = nn.AdaptiveAvgPool2d(1), nn.Identity()
+        self.feature_dim = width * 8 * block.expansion
+        for m in self.modules():  # torchvision's initialisation
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+
+class Sobel(nn.Module):
+    """DeepCluster's fixed input layer: grayscale (1x1 conv, weights 1/3), then horizontal and vertical 3x3 Sobel."""
+    def __init__(self):
+        super().__init__()
+        self.gray = nn.Conv2d(3, 1, 1, bias=False)
+        self.gray.weight.data.fill_(1 / 3)
+        self.sobel = nn.Conv2d(1, 2, 3, padding=1, bias=False)
+        gx = torch.tensor([[1.0, 0, -1], [2, 0, -2], [1, 0, -1]])
+        self.sobel.weight.data.copy_(torch.stack([gx, gx.t()])[:, None])
+        for p in self.parameters():
+            p.requires_grad = False
+
+    def forward(self, x):
+        return self.sobel(self.gray(x))
+
+
+class AlexNet(nn.Module):
+    """DeepCluster's AlexNet: conv 96-256-384-384-256 (x width/64), BatchNorm after each conv, fc 4096-4096
+    (x width/64). forward returns fc7 before its ReLU (what DeepCluster clusters). For images <= 64 px the
+    first conv is 5x5/stride 1 and the three max-pools are 2x2; `conv_features` returns each conv's ReLU output."""
+    def __init__(self, width=64, sobel=True, small=False):
+        super().__init__()
+        c = [max(1, round(k * width / 64)) for k in (96, 256, 384, 384, 256)]
+        fc = max(1, round(4096 * width / 64))
+        self.sobel = Sobel() if sobel else None
+        first = nn.Conv2d(2 if sobel else 3, c[0], 5, 1, 2) if small else nn.Conv2d(2 if sobel else 3, c[0], 11, 4, 2)
+        convs = [first] + [nn.Conv2d(c[i - 1], c[i], 5 if i == 1 else 3, padding=2 if i == 1 else 1)
+                           for i in range(1, 5)]
+        self.convs = nn.ModuleList(nn.Sequential(conv, nn.BatchNorm2d(conv.out_channels), nn.ReLU(inplace=True))
+                                   for conv in convs)
+        pool = (lambda: nn.MaxPool2d(2, 2)) if small else (lambda: nn.MaxPool2d(3, 2))
+        self.pools = nn.ModuleList([pool(), pool(), nn.Identity(), nn.Identity(), pool()])
+        self.avgpool = nn.AdaptiveAvgPool2d(4 if small else 6)
+        self.classifier = nn.Sequential(nn.Dropout(0.5), nn.Linear(c[4] * (16 if small else 36), fc),
+                                        nn.ReLU(inplace=True), nn.Dropout(0.5), nn.Linear(fc, fc))
+        self.feature_dim = fc
+        for m in self.modules():  # DeepCluster's initialisation
+            if isinstance(m, nn.Conv2d) and m.weight.requires_grad:
+                nn.init.normal_(m.weight, 0, math.sqrt(2.0 / (m.kernel_size[0] * m.kernel_size[1] * m.out_channels)))
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, 0, 0.01)
+                nn.init.zeros_(m.bias)
+
+    def conv_features(self, x):
+        """The ReLU output of conv1 ... conv5 (before each max-pool): a list of five (N, C_l, H_l, W_l) maps."""
+        x = self.sobel(x) if self.sobel is not None else x
+        outs = []
+        for conv, pool in zip(self.convs, self.pools):
+            x = conv(x)
+            outs.append(x)
+            x = pool(x)
+        return outs
+
+    def forward(self, x):
+        x = self.sobel(x) if self.sobel is not None else x
+        for conv, pool in zip(self.convs, self.pools):
+            x = pool(conv(x))
+        return self.classifier(torch.flatten(self.avgpool(x), 1))
+
+
+BACKBONES = {"resnet18": 18, "resnet34": 34, "resnet50": 50, "alexnet": None}
+
+
+def backbone_kwargs(args, img_size):
+    """The keyword arguments that rebuild this run's encoder (stored in every checkpoint)."""
+    if args.backbone == "alexnet":
+        return {"width": args.width, "sobel": not args.no_sobel, "small": img_size <= 64}
+    return {"width": args.width, "small_stem": img_size <= 64}
+
+
+def build_backbone(name, **kwargs):
+    if name not in BACKBONES:
+        fail(f"unknown backbone '{name}': expected one of {', '.join(BACKBONES)}")
+    if kwargs.get("width", 64) < 1:
+        fail(f"--width must be positive, got {kwargs['width']}")
+    return AlexNet(**kwargs) if name == "alexnet" else ResNet(BACKBONES[name], **kwargs)
+
+
+@torch.no_grad()
+def extract_features(encoder, split, device, batch_size=512, img_size=None, autocast=None, workers=0):
+    """h = encoder(normalize(image)) for every image of a split, without augmentation, in eval mode.
+    Returns float32 (N, D) on `device`. Images are resized to `img_size` if it differs."""
+    was_training = encoder.training
+    encoder.eval()
+    feats = []
+    for x, _ in make_loader(split, batch_size, shuffle=False, workers=workers):
+        x = normalize(to_float(x.to(device, non_blocking=True)))
+        if img_size is not None:
+            x = center_resize(x, img_size)
+        with (autocast() if autocast else torch.autocast(device.type, enabled=False)):
+            feats.append(encoder(x).float())
+    encoder.train(was_training)
+    return torch.cat(feats)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 6. Checkpoints and logs
+# ----------------------------------------------------------------------------------------------------------------
+def rng_state():
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def all_rng_states(world=1):
+    """Every rank's RNG state as a list (collective under torchrun: every rank must call it); rank 0 saves the
+    list so that a resumed run draws the same augmentations on every rank."""
+    if world == 1:
+        return [rng_state()]
+    states = [None] * world
+    dist.all_gather_object(states, rng_state())
+    return states
+
+
+def set_rng_state(state):
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path, **state):
+    """Write {format, **state} to `path` atomically: a temporary file in the same folder, then a rename."""
+    state = {"format": CKPT_FORMAT, **state}
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    if not os.path.isfile(path):
+        fail(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        fail(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__})")
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
+        fail(f"{path} is not a checkpoint of this project (no '{CKPT_FORMAT}' format tag)")
+    return ckpt
+
+
+def load_encoder(path, device="cpu"):
+    """The trained encoder of any script's checkpoint, in eval mode, and the checkpoint dict."""
+    ckpt = load_checkpoint(path)
+    encoder = build_backbone(ckpt["backbone"]["name"], **ckpt["backbone"]["kwargs"])
+    encoder.load_state_dict(ckpt["encoder"])
+    return encoder.to(device).eval(), ckpt
+
+
+def merge_resume_args(parser, argv, args, saved):
+    """On --resume: the checkpoint's flags, except those given again on this command line (e.g. more --epochs)."""
+    argv = sys.argv[1:] if argv is None else argv
+    given = {a.dest for a in parser._actions for tok in argv if tok.split("=")[0] in a.option_strings}
+    merged = dict(saved, **{k: getattr(args, k) for k in given}, resume=args.resume)
+    for k, v in vars(args).items():  # flags added since the checkpoint was written keep their defaults
+        merged.setdefault(k, v)
+    return argparse.Namespace(**merged)
+
+
+def run_folder(args, method):
+    if args.out:
+        return args.out
+    if args.resume:
+        return os.path.dirname(os.path.abspath(args.resume))
+    data = os.path.basename(os.path.normpath(args.data))
+    return os.path.join("runs", f"{method}-{data}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+class RunLog:
+    """Progress lines with speed and ETA, per-epoch metrics.jsonl, curves.png redrawn each epoch (rank 0 only)."""
+    def __init__(self, out, args, enabled=True, start_epoch=0):
+        self.out, self.enabled = out, enabled
+        if not enabled:
+            return
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "args.json"), "w") as f:
+            json.dump(vars(args), f, indent=2)
+        path = os.path.join(out, "metrics.jsonl")
+        if os.path.exists(path):  # resuming: keep only the epochs before the checkpoint's
+            rows = [json.loads(line) for line in open(path) if line.strip()]
+            with open(path, "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in rows if r.get("epoch", 0) <= start_epoch)
+        self.t0, self.images = time.time(), 0
+
+    def print(self, *a):
+        if self.enabled:
+            print(*a, flush=True)
+
+    def progress(self, epoch, epochs, step, steps, images, done_steps, total_steps, **metrics):
+        """Call every step with the images processed in it; prints every call (the caller decides how often)."""
+        if not self.enabled:
+            return
+        elapsed = time.time() - self.t0
+        speed = images / max(elapsed, 1e-9)
+        eta = elapsed / max(done_steps, 1) * (total_steps - done_steps)
+        m = " ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+        print(f"epoch {epoch}/{epochs} step {step}/{steps} {m} | {speed:.0f} img/s | ETA {fmt_time(eta)}", flush=True)
+
+    def epoch(self, **metrics):
+        if not self.enabled:
+            return
+        with open(os.path.join(self.out, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        plot_curves(os.path.join(self.out, "metrics.jsonl"), os.path.join(self.out, "curves.png"))
+
+
+def fmt_time(seconds):
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def plot_curves(metrics_path, png_path):
+    """One panel per numeric metric of metrics.jsonl against epoch."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = [json.loads(line) for line in open(metrics_path) if line.strip()]
+    keys = [k for k in rows[0] if k != "epoch" and isinstance(rows[0][k], (int, float))] if rows else []
+    if not keys:
+        return
+    cols = min(3, len(keys))
+    fig, axes = plt.subplots(math.ceil(len(keys) / cols), cols, figsize=(4 * cols, 3 * math.ceil(len(keys) / cols)),
+                             squeeze=False)
+    for ax, k in zip(axes.flat, keys):
+        pts = [(r["epoch"], r[k]) for r in rows if isinstance(r.get(k), (int, float))]
+        ax.plot(*zip(*pts), marker="o", ms=3)
+        ax.set_title(k)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=80)
+    plt.close(fig)
