@@ -54,6 +54,8 @@ def add_common_args(parser, backbone="resnet18"):
     g.add_argument("--data-dir", default="./data", help="where datasets are downloaded and decoded caches kept")
     g.add_argument("--img-size", type=int, default=None, help="training resolution in px (default: the dataset's)")
     g.add_argument("--imagenette-size", default="160px", choices=list(IMAGENETTE), help="which Imagenette archive")
+    g.add_argument("--shapes-n", type=int, nargs=2, default=[5000, 1000], metavar=("TRAIN", "TEST"),
+                   help="number of training and test images of the synthetic `shapes` dataset")
     g.add_argument("--backbone", default=backbone, choices=list(BACKBONES), help="encoder architecture")
     g.add_argument("--width", type=int, default=64, help="base width (64 = the standard network; 16 or 32 for CPU)")
     g.add_argument("--no-sobel", action="store_true", help="AlexNet only: no fixed Sobel input layer (RGB input)")
@@ -125,11 +127,10 @@ class AllReduceBatchNorm(nn.BatchNorm2d):
     def forward(self, x):
         if not (self.training and dist.is_initialized() and dist.get_world_size() > 1):
             return super().forward(x)
-        import torch.distributed.nn.functional as dist_nn
         dims = [0] + list(range(2, x.dim()))
         C, count = x.shape[1], x.numel() // x.shape[1]
         stats = torch.cat([x.sum(dims), (x * x).sum(dims), x.new_tensor([float(count)])])
-        stats = dist_nn.all_reduce(stats)  # sums over ranks, gradient flows back to every rank
+        stats = all_reduce_with_grad(stats)  # sums over ranks, gradient flows back to every rank
         n = stats[-1]
         mean = stats[:C] / n
         var = stats[C:2 * C] / n - mean * mean  # biased variance over the global batch
@@ -143,6 +144,25 @@ class AllReduceBatchNorm(nn.BatchNorm2d):
         return x * self.weight.view(shape) + self.bias.view(shape)
 
 
+def all_gather_with_grad(x):
+    """Concatenate x (N, ...) from every rank into (world*N, ...); the backward pass sums the gradients of every
+    rank's copy into its owner (torch.distributed.nn: differentiable collectives)."""
+    import warnings
+    import torch.distributed.nn.functional as dist_nn
+    with warnings.catch_warnings():  # "deprecated" in favour of a private module; still the public API
+        warnings.simplefilter("ignore", FutureWarning)
+        return torch.cat(dist_nn.all_gather(x))
+
+
+def all_reduce_with_grad(x):
+    """Sum of x over every rank; differentiable (the backward pass all-reduces the gradient)."""
+    import warnings
+    import torch.distributed.nn.functional as dist_nn
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return dist_nn.all_reduce(x)
+
+
 def convert_sync_batchnorm(model, device):
     """Every BatchNorm normalises over the global batch: nn.SyncBatchNorm on CUDA, AllReduceBatchNorm elsewhere."""
     if device.type == "cuda":
@@ -150,7 +170,8 @@ def convert_sync_batchnorm(model, device):
     for name, child in model.named_children():
         if isinstance(child, nn.modules.batchnorm._BatchNorm) and not isinstance(child, AllReduceBatchNorm):
             new = AllReduceBatchNorm(child.num_features, child.eps, child.momentum, child.affine,
-                                     child.track_running_stats)
+                                     child.track_running_stats, device=child.running_mean.device,
+                                     dtype=child.running_mean.dtype)
             new.load_state_dict(child.state_dict())
             setattr(model, name, new)
         else:
@@ -189,6 +210,11 @@ class Data:
         self.num_classes = len(test.classes)
 
 
+def dataset_from_args(args, log=print):
+    return load_dataset(args.data, args.data_dir, args.img_size, args.imagenette_size, args.workers,
+                        shapes_n=tuple(args.shapes_n), seed=args.seed, log=log)
+
+
 def load_dataset(name, data_dir="./data", img_size=None, imagenette_size="160px", workers=4, url=None, md5=None,
                  shapes_n=(5000, 1000), seed=0, log=print):
     """Load a dataset by name or folder path. `url`/`md5` override the Imagenette archive (tests use file://)."""
@@ -203,6 +229,8 @@ def load_dataset(name, data_dir="./data", img_size=None, imagenette_size="160px"
     if img_size is not None and img_size < 8:
         fail(f"--img-size {img_size} is too small (at least 8)")
     if name == "shapes":
+        if min(shapes_n) < 1:
+            fail(f"--shapes-n needs positive sizes, got {list(shapes_n)}")
         size = img_size or 32
         tr = make_shapes(shapes_n[0], size, seed=seed)
         te = make_shapes(shapes_n[1], size, seed=seed + 1_000_003)
@@ -234,8 +262,9 @@ def load_dataset(name, data_dir="./data", img_size=None, imagenette_size="160px"
 
 
 def download_imagenette(data_dir, size="160px", url=None, md5=None, log=print):
-    """fast.ai's Imagenette: download the archive, verify its md5, extract; returns the folder holding train/, val/."""
-    from torchvision.datasets.utils import check_integrity, download_and_extract_archive
+    """fast.ai's Imagenette: download the archive, verify its md5, extract; returns the folder holding train/, val/.
+    `url` may also be a file:// URL or a local path (offline copies, tests)."""
+    from torchvision.datasets.utils import check_integrity, extract_archive
     if size not in IMAGENETTE:
         fail(f"unknown Imagenette size '{size}': expected one of {', '.join(IMAGENETTE)}")
     default_url, default_md5 = IMAGENETTE[size]
@@ -245,16 +274,40 @@ def download_imagenette(data_dir, size="160px", url=None, md5=None, log=print):
     if os.path.isdir(os.path.join(folder, "train")):
         return folder
     archive = os.path.join(data_dir, filename)
-    if os.path.exists(archive) and md5 and not check_integrity(archive, md5):
-        os.remove(archive)  # a half-downloaded or corrupt archive: fetch it again
-    log(f"downloading {url} to {data_dir} ...")
-    try:
-        download_and_extract_archive(url, data_dir, filename=filename, md5=md5)
-    except Exception as e:
-        fail(f"could not download or extract {url}: {e}")
+    if not (os.path.exists(archive) and (md5 is None or check_integrity(archive, md5))):
+        download(url, archive, log)
+    if md5 is not None and not check_integrity(archive, md5):
+        os.remove(archive)
+        fail(f"could not download {url}: md5 of the archive is not {md5} (corrupt or incomplete; removed)")
+    log(f"extracting {archive} ...")
+    extract_archive(archive, data_dir)
     if not os.path.isdir(os.path.join(folder, "train")):
         fail(f"{archive} did not contain {os.path.basename(folder)}/train")
     return folder
+
+
+def download(url, path, log=print, chunk=1 << 20):
+    """Fetch `url` (http(s), file:// or a local path) to `path` atomically, printing progress."""
+    import urllib.request
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    if "://" not in url:
+        url = "file://" + os.path.abspath(url)
+    tmp, t0, done = f"{path}.tmp{os.getpid()}", time.time(), 0
+    try:
+        with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as f:
+            total = int(r.headers.get("Content-Length") or 0)
+            while block := r.read(chunk):
+                f.write(block)
+                done += len(block)
+                if done % (50 * chunk) < chunk:
+                    speed = done / max(time.time() - t0, 1e-9)
+                    eta = f", ETA {fmt_time((total - done) / speed)}" if total else ""
+                    log(f"downloaded {done / 2**20:.0f}/{total / 2**20:.0f} MB ({speed / 2**20:.1f} MB/s{eta})")
+        os.replace(tmp, path)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        fail(f"could not download {url}: {e}")
 
 
 def load_folder(root, data_dir, img_size, workers, log=print, name=None):

@@ -266,8 +266,7 @@ def main(argv=None):
     log = common.RunLog(out, args, enabled=rank == 0, start_epoch=ckpt["epoch"] if ckpt else 0)
 
     # --- data ---
-    data = common.load_dataset(args.data, args.data_dir, args.img_size, args.imagenette_size, args.workers,
-                               seed=args.seed, log=log.print)
+    data = common.dataset_from_args(args, log=log.print)
     log.print(f"{data.name}: {len(data.train)} training images at {data.img_size}px, kNN on {len(data.memory)} "
               f"labelled / {len(data.test)} test images, {data.num_classes} classes; device {device}, {world} "
               f"process(es); run folder {out}")
@@ -316,8 +315,7 @@ def main(argv=None):
             with autocast():
                 z1, z2 = train_model(v1).float(), train_model(v2).float()
             if world > 1:  # negatives from every rank; the gather back-propagates, so this is the global-batch loss
-                import torch.distributed.nn.functional as dist_nn
-                z1, z2 = torch.cat(dist_nn.all_gather(z1)), torch.cat(dist_nn.all_gather(z2))
+                z1, z2 = common.all_gather_with_grad(z1), common.all_gather_with_grad(z2)
             loss = nt_xent_loss(z1, z2, args.temperature)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
