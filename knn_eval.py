@@ -1,11 +1,99 @@
-"""Judge a learned representation: weighted kNN (InstDisc / MoCo monitor).
+"""Judge a learned representation: the standard evaluation protocols, on any checkpoint of this project.
 
-    python knn_eval.py --ckpt runs/simclr-cifar10/last.pt
+  1. weighted kNN   -- InstDisc (Wu et al. 2018, https://arxiv.org/abs/1805.01978), the MoCo / SimCLR monitor
+  2. 1-NN           -- nearest neighbour by cosine similarity
+  3. linear probe   -- logistic regression on frozen, standardised features, L2 strength chosen on held-out
+                       training images (the linear evaluation protocol of e.g. SimCLR, https://arxiv.org/abs/2002.05709)
+  4. few-shot probe -- the same with 10, 20, 50, 100, 200, 500 labelled images per class
+  5. layer probes   -- AlexNet only: linear probes on the pooled conv1 ... conv5 maps and an MLP on the frozen conv
+                       features (DeepCluster, Caron et al. 2018, https://arxiv.org/abs/1807.05520, table 2 / sec. 5)
+  6. supervised     -- the same backbone trained from scratch on the labels only (what pre-training buys)
+
+Features are extracted once per (encoder, split), in eval mode (BatchNorm statistics frozen), without augmentation,
+and every protocol reuses them. The result is one markdown table, also written as JSON.
+
+    python knn_eval.py --ckpt runs/simclr-cifar10/last.pt                        # the data it was trained on
+    python knn_eval.py --random-init --backbone resnet18 --width 16 --data cifar10    # untrained baseline
+    python knn_eval.py --pixels --data cifar10                                       # raw-pixel baseline
+    python knn_eval.py --ckpt runs/simclr-imagenette/last.pt --data cifar10          # transfer (resized to 128 px)
+    python knn_eval.py --supervised --labels-per-class 100 --data cifar10 --width 16 # supervised from scratch
+    python knn_eval.py --random-init --data shapes --shapes-n 2000 500 --width 8 --device cpu   # offline, ~20 s CPU
 """
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
-from common import extract_features
+import common
+from common import extract_features, fail, normalize, random_flip, to_float
+
+SHOTS = [10, 20, 50, 100, 200, 500]
+PROTOCOLS = ["knn", "1nn", "linear", "fewshot", "layers"]
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description="Evaluate an encoder: weighted kNN, 1-NN, linear and few-shot probes, "
+                                "AlexNet layer probes, supervised baseline",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--ckpt", help="checkpoint of any script of this project (its encoder is evaluated)")
+    what.add_argument("--random-init", action="store_true", help="baseline: a randomly initialised --backbone")
+    what.add_argument("--pixels", action="store_true", help="baseline: the normalised raw pixels as features")
+    what.add_argument("--supervised", action="store_true",
+                      help="baseline: train --backbone from scratch on --labels-per-class labels, then evaluate it")
+    p.add_argument("--protocols", default=",".join(PROTOCOLS),
+                   help=f"comma-separated subset of {','.join(PROTOCOLS)} (layers: AlexNet only)")
+    p.add_argument("--k", type=int, default=200, help="weighted kNN: neighbours")
+    p.add_argument("--temperature", type=float, default=0.1, help="weighted kNN: vote weight exp(s / temperature)")
+    p.add_argument("--shots", default=",".join(map(str, SHOTS)), help="few-shot probe: labelled images per class")
+    p.add_argument("--l2-grid", default="1e-6,1e-5,1e-4,1e-3,1e-2,1e-1",
+                   help="linear probe: L2 strengths tried on the held-out part of the training split")
+    p.add_argument("--val-fraction", type=float, default=0.1,
+                   help="linear probe: fraction of each class held out to choose the L2 strength")
+    p.add_argument("--probe-steps", type=int, default=100, help="linear probe: L-BFGS iterations (full batch)")
+    p.add_argument("--layer-dim", type=int, default=1024,
+                   help="layer probes: each conv map is average-pooled to a grid of about this many features")
+    p.add_argument("--mlp-epochs", type=int, default=30, help="MLP probe on frozen AlexNet conv features: epochs")
+    p.add_argument("--mlp-hidden", type=int, default=512, help="MLP probe: hidden units of its two hidden layers")
+    p.add_argument("--labels-per-class", type=int, default=None,
+                   help="--supervised: labelled images per class (default: all), the few-shot subset of that size")
+    p.add_argument("--sup-steps", type=int, default=2000, help="--supervised: SGD steps")
+    p.add_argument("--sup-batch-size", type=int, default=256, help="--supervised: batch size")
+    p.add_argument("--sup-lr", type=float, default=0.1, help="--supervised: SGD learning rate (cosine decay)")
+    p.add_argument("--batch-size", type=int, default=512, help="feature extraction batch size")
+    common.add_common_args(p, backbone="resnet18")
+    p.set_defaults(data=None)  # --ckpt: the checkpoint's data; otherwise shapes
+    return p, p.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 1-2. Weighted kNN and 1-NN
+# ----------------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def knn_neighbours(train_feats, test_feats, k, chunk=1024):
+    """Cosine similarities (Nq, k) and indices (Nq, k) of the k most similar training features of each query,
+    in chunks of `chunk` queries on the features' device (so 50,000 x 10,000 fits in memory)."""
+    train = F.normalize(train_feats.float(), dim=1)  # (Nt, D)
+    k = min(k, train.shape[0])
+    sims, idxs = [], []
+    for q in F.normalize(test_feats.float(), dim=1).split(chunk):  # q: (B, D)
+        s, i = (q @ train.T).topk(k, dim=1)  # (B, k), most similar first
+        sims.append(s)
+        idxs.append(i)
+    return torch.cat(sims), torch.cat(idxs)
+
+
+def knn_votes(sim, idx, train_labels, num_classes, k, temperature):
+    """Class scores (Nq, C) from neighbours sorted by similarity: the first k vote with weight exp(s / temperature)."""
+    sim, idx = sim[:, :k], idx[:, :k]
+    votes = torch.zeros(sim.shape[0], num_classes, device=sim.device)
+    return votes.scatter_add_(1, train_labels[idx], (sim / temperature).exp())
 
 
 @torch.no_grad()
@@ -18,9 +106,7 @@ def knn_scores(train_feats, train_labels, test_feats, num_classes, k=200, temper
     scores = []
     for q in F.normalize(test_feats.float(), dim=1).split(chunk):  # q: (B, D)
         sim, idx = (q @ train.T).topk(k, dim=1)  # (B, k)
-        votes = torch.zeros(q.shape[0], num_classes, device=q.device)
-        votes.scatter_add_(1, train_labels[idx], (sim / temperature).exp())
-        scores.append(votes)
+        scores.append(knn_votes(sim, idx, train_labels, num_classes, k, temperature))
     return torch.cat(scores)
 
 
@@ -29,9 +115,425 @@ def knn_predict(train_feats, train_labels, test_feats, num_classes, k=200, tempe
     return knn_scores(train_feats, train_labels, test_feats, num_classes, k, temperature).argmax(1)
 
 
+def nn1_predict(train_feats, train_labels, test_feats):
+    """1-NN: the label of the most cosine-similar training feature."""
+    return train_labels[knn_neighbours(train_feats, test_feats, 1)[1][:, 0]]
+
+
 def knn_monitor(encoder, data, device, k=200, temperature=0.1, autocast=None, workers=0):
     """Top-1 (%) of the weighted kNN: memory bank = labelled training split, queries = test split."""
     train = extract_features(encoder, data.memory, device, autocast=autocast, workers=workers)
     test = extract_features(encoder, data.test, device, autocast=autocast, workers=workers)
     pred = knn_predict(train, data.memory.labels.to(device), test, data.num_classes, k, temperature)
     return (pred.cpu() == data.test.labels).float().mean().item() * 100
+
+
+def topk_accuracy(scores, labels, ks=(1, 5)):
+    """Top-k accuracy (%) of class scores (N, C) for each k; None where k >= C (it would be 100 by definition)."""
+    top = scores.topk(min(max(ks), scores.shape[1]), dim=1).indices  # (N, kmax)
+    hit = top == labels[:, None]
+    return [hit[:, :k].any(1).float().mean().item() * 100 if k < scores.shape[1] or k == 1 else None for k in ks]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 3-4. Linear probe (logistic regression on standardised, cached features) and few-shot subsets
+# ----------------------------------------------------------------------------------------------------------------
+def fit_logreg(x, y, num_classes, l2, steps=100):
+    """Multinomial logistic regression, full batch, L-BFGS from zero weights (convex, so deterministic):
+
+        min_{W, b}  1/N sum_i CE(W x_i + b, y_i) + l2/2 ||W||^2
+
+    x: (N, D) standardised features, y: (N,) labels. Returns the nn.Linear(D, C)."""
+    lin = nn.Linear(x.shape[1], num_classes).to(x.device)
+    nn.init.zeros_(lin.weight)
+    nn.init.zeros_(lin.bias)
+    opt = torch.optim.LBFGS(lin.parameters(), lr=1, max_iter=steps, history_size=10, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(lin(x), y) + l2 / 2 * lin.weight.pow(2).sum()
+        loss.backward()
+        return loss
+    with torch.enable_grad():
+        opt.step(closure)
+    return lin.requires_grad_(False)
+
+
+def per_class_indices(labels, n_per_class, seed=0, num_classes=None):
+    """Exactly n_per_class indices of each class, drawn with a fixed seed (the same seed gives the same subset).
+    Returns sorted indices, or None if a class has fewer images."""
+    g = torch.Generator().manual_seed(seed)
+    labels = labels.cpu()
+    out = []
+    for c in range(num_classes or int(labels.max()) + 1):
+        of_c = (labels == c).nonzero()[:, 0]
+        if len(of_c) < n_per_class:
+            return None
+        out.append(of_c[torch.randperm(len(of_c), generator=g)[:n_per_class]])
+    return torch.cat(out).sort().values
+
+
+def heldout_split(labels, fraction, seed=0):
+    """(train, val) indices: a seeded `fraction` of each class (at least one image if it has two) is held out."""
+    g = torch.Generator().manual_seed(seed + 1)
+    labels = labels.cpu()
+    tr, va = [], []
+    for c in labels.unique():
+        of_c = (labels == c).nonzero()[:, 0]
+        of_c = of_c[torch.randperm(len(of_c), generator=g)]
+        n_val = max(1, round(fraction * len(of_c))) if len(of_c) > 1 else 0
+        va.append(of_c[:n_val])
+        tr.append(of_c[n_val:])
+    return torch.cat(tr).sort().values, torch.cat(va).sort().values
+
+
+def linear_probe(train_x, train_y, test_x, test_y, num_classes, l2_grid, val_fraction=0.1, steps=100, seed=0,
+                 mean=None, std=None):
+    """Standardise (with `mean`/`std`, default: the training features'), choose the L2 strength with the best
+    accuracy on a held-out part of the training set, refit on the whole training set, score the test set.
+    Returns (top1, top5, chosen l2)."""
+    mean = train_x.mean(0) if mean is None else mean
+    std = train_x.std(0) if std is None else std
+    tx, qx = (train_x - mean) / (std + 1e-6), (test_x - mean) / (std + 1e-6)
+    best = l2_grid[0]
+    if len(l2_grid) > 1:
+        tr, va = heldout_split(train_y, val_fraction, seed)
+        tr, va = tr.to(tx.device), va.to(tx.device)
+        acc = {}
+        for l2 in l2_grid:
+            lin = fit_logreg(tx[tr], train_y[tr], num_classes, l2, steps)
+            acc[l2] = (lin(tx[va]).argmax(1) == train_y[va]).float().mean().item()
+        best = max(l2_grid, key=lambda l2: (acc[l2], l2))  # ties: the stronger regularisation
+    lin = fit_logreg(tx, train_y, num_classes, best, steps)
+    top1, top5 = topk_accuracy(lin(qx), test_y)
+    return top1, top5, best
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 5. AlexNet per-layer features and the MLP probe
+# ----------------------------------------------------------------------------------------------------------------
+class AlexNetLayers(nn.Module):
+    """Frozen AlexNet -> concatenated features: each of conv1 ... conv5 (ReLU output) average-pooled to a p x p grid
+    with C p^2 ~ layer_dim, then the input of the fc layers (pool5 + avgpool, flattened) for the MLP probe.
+    `.sizes` lists the six feature sizes (to split the concatenation)."""
+    def __init__(self, alexnet, img_size, layer_dim=1024):
+        super().__init__()
+        self.net, self.layer_dim = alexnet, layer_dim
+        with torch.no_grad():
+            was = alexnet.training
+            self.sizes = [f.shape[1] for f in self.forward_list(torch.zeros(1, 3, img_size, img_size), alexnet.eval())]
+            alexnet.train(was)
+        self.feature_dim = sum(self.sizes)
+
+    def forward_list(self, x, net=None):
+        net = net or self.net
+        maps = net.conv_features(x)  # five (N, C_l, H_l, W_l)
+        out = []
+        for m in maps:
+            p = max(1, min(m.shape[-1], round(math.sqrt(self.layer_dim / m.shape[1]))))
+            out.append(F.adaptive_avg_pool2d(m, p).flatten(1))  # (N, C_l p^2)
+        out.append(net.avgpool(net.pools[4](maps[4])).flatten(1))  # what fc6 sees
+        return out
+
+    def forward(self, x):
+        return torch.cat(self.forward_list(x), 1)
+
+
+def fit_mlp_probe(x, y, test_x, test_y, num_classes, hidden=512, epochs=30, seed=0, batch_size=256):
+    """An MLP (dropout-linear-ReLU x2, linear, as AlexNet's classifier) trained with Adam on frozen, standardised
+    features. Returns (top1, top5) on the test features."""
+    torch.manual_seed(seed)
+    mean, std = x.mean(0), x.std(0) + 1e-6
+    x, test_x = (x - mean) / std, (test_x - mean) / std
+    mlp = nn.Sequential(nn.Dropout(0.5), nn.Linear(x.shape[1], hidden), nn.ReLU(), nn.Dropout(0.5),
+                        nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, num_classes)).to(x.device)
+    opt = torch.optim.Adam(mlp.parameters(), lr=1e-3, weight_decay=1e-4)
+    steps = epochs * math.ceil(len(x) / batch_size)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    with torch.enable_grad():
+        for _ in range(epochs):
+            for b in torch.randperm(len(x), device=x.device).split(batch_size):
+                loss = F.cross_entropy(mlp(x[b]), y[b])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                sched.step()
+    mlp.eval()
+    with torch.no_grad():
+        return topk_accuracy(torch.cat([mlp(t) for t in test_x.split(4096)]), test_y)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 6. Supervised baseline: the backbone trained from scratch on labels only, with the usual light augmentation
+# ----------------------------------------------------------------------------------------------------------------
+def light_augment(x, size):
+    """float (N, 3, S, S) in [0, 1] -> (N, 3, size, size): random crop of the reflect-padded image (padding size/8,
+    the CIFAR recipe) and horizontal flip, each image with its own offsets."""
+    x = common.center_resize(x, size)
+    N, p = x.shape[0], max(1, size // 8)
+    x = F.pad(x, (p, p, p, p), mode="reflect")
+    i, j = torch.randint(0, 2 * p + 1, (2, N, 1), device=x.device)
+    r = torch.arange(size, device=x.device)
+    rows, cols = (i + r)[:, None, :, None], (j + r)[:, None, None, :]  # (N, 1, size, 1), (N, 1, 1, size)
+    x = x[torch.arange(N, device=x.device)[:, None, None, None], torch.arange(3, device=x.device)[None, :, None, None],
+          rows, cols]
+    return random_flip(x)
+
+
+def train_supervised(args, data, device, autocast, log=print):
+    """Encoder + linear head trained with cross-entropy on `labels_per_class` images per class (all if None),
+    SGD with momentum and cosine decay. Returns (encoder in eval mode, head, training indices)."""
+    labels = data.memory.labels
+    idx = (torch.arange(len(labels)) if args.labels_per_class is None
+           else per_class_indices(labels, args.labels_per_class, args.seed, data.num_classes))
+    if idx is None:
+        fail(f"--labels-per-class {args.labels_per_class}: a class of {data.name} has fewer labelled images")
+    images, targets = data.memory.images[idx], labels[idx].to(device)
+    size = data.img_size
+    encoder = common.build_backbone(args.backbone, **common.backbone_kwargs(args, size))
+    model = nn.Sequential(encoder, nn.Linear(encoder.feature_dim, data.num_classes)).to(device)
+    groups = [{"params": [p for p in model.parameters() if p.ndim > 1], "weight_decay": 5e-4},
+              {"params": [p for p in model.parameters() if p.ndim <= 1], "weight_decay": 0.0}]
+    opt = torch.optim.SGD(groups, lr=args.sup_lr, momentum=0.9, nesterov=True)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, args.sup_steps)
+    bs = min(args.sup_batch_size, len(idx))
+    order, t0 = torch.randperm(len(idx)), time.time()
+    model.train()
+    for step in range(args.sup_steps):
+        if len(order) < bs:  # a new epoch
+            order = torch.cat([order, torch.randperm(len(idx))])
+        b, order = order[:bs], order[bs:]
+        x = normalize(light_augment(to_float(images[b].to(device)), size))
+        with autocast():
+            loss = F.cross_entropy(model(x).float(), targets[b.to(device)])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if (step + 1) % args.log_every == 0 or step + 1 == args.sup_steps:
+            log(f"supervised step {step + 1}/{args.sup_steps} loss {loss.item():.4g} lr {sched.get_last_lr()[0]:.4g} "
+                f"| {(step + 1) * bs / (time.time() - t0):.0f} img/s")
+    return model[0].eval(), model[1].eval(), idx
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Encoders to evaluate, feature cache, input checks
+# ----------------------------------------------------------------------------------------------------------------
+class Pixels(nn.Module):
+    """The raw-pixel baseline as an 'encoder': the normalised image, flattened."""
+    def forward(self, x):
+        return x.flatten(1)
+
+
+class FeatureCache:
+    """features(split) = encoder(split images), extracted once per split and kept (on the device)."""
+    def __init__(self, encoder, data, device, img_size, autocast, batch_size=512, workers=0):
+        self.encoder, self.data, self.device, self.img_size = encoder, data, device, img_size
+        self.autocast, self.batch_size, self.workers = autocast, batch_size, workers
+        self.cache, self.extractions, self.seconds = {}, 0, 0.0
+
+    def __call__(self, split):  # "memory" (labelled training split) or "test"
+        if split not in self.cache:
+            t0 = time.time()
+            self.cache[split] = extract_features(self.encoder, getattr(self.data, split), self.device, self.batch_size,
+                                                 self.img_size, self.autocast, self.workers)
+            self.extractions += 1
+            self.seconds += time.time() - t0
+            print(f"features of the {split} split: {tuple(self.cache[split].shape)} in {time.time() - t0:.0f}s",
+                  flush=True)
+        return self.cache[split]
+
+
+def check_input_fits(encoder, channels, img_size, what):
+    """One forward pass on a blank batch: images of `channels` x img_size^2 must go through the encoder."""
+    first = next(m for m in encoder.modules() if isinstance(m, nn.Conv2d))
+    if first.in_channels != channels:
+        fail(f"{what}: {channels}-channel images do not fit the encoder, which expects {first.in_channels} channels")
+    try:
+        with torch.no_grad():
+            was = encoder.training
+            encoder.eval()(torch.zeros(1, channels, img_size, img_size, device=next(encoder.parameters()).device))
+            encoder.train(was)
+    except RuntimeError as e:
+        fail(f"{what}: {img_size}px images do not fit the encoder ({str(e).splitlines()[0][:120]})")
+
+
+def load_ckpt_encoder(path, device):
+    """common.load_encoder, with a clear error for a checkpoint whose encoder does not match its description."""
+    try:
+        encoder, ckpt = common.load_encoder(path, device)
+    except (KeyError, TypeError, RuntimeError) as e:
+        fail(f"{path}: the checkpoint's encoder cannot be rebuilt ({type(e).__name__}: {str(e).splitlines()[0][:100]})")
+    return encoder, ckpt
+
+
+def markdown_table(rows):
+    f = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
+    lines = ["| protocol | setting | top-1 | top-5 |", "|---|---|---:|---:|"]
+    lines += [f"| {r['protocol']} | {r['setting']} | {f(r['top1'])} | {f(r['top5'])} |" for r in rows]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+def main(argv=None):
+    parser, args = get_args(argv)
+    protocols = [p for p in args.protocols.split(",") if p]
+    if set(protocols) - set(PROTOCOLS):
+        fail(f"--protocols: unknown {sorted(set(protocols) - set(PROTOCOLS))}; expected some of {','.join(PROTOCOLS)}")
+    try:
+        shots = [int(s) for s in args.shots.split(",") if s]
+        l2_grid = [float(s) for s in args.l2_grid.split(",") if s]
+    except ValueError:
+        fail(f"--shots and --l2-grid must be comma-separated numbers (got '{args.shots}', '{args.l2_grid}')")
+    if args.k < 1 or args.temperature <= 0 or not l2_grid or min(shots, default=1) < 1 or not 0 < args.val_fraction < 1:
+        fail("need --k >= 1, --temperature > 0, a non-empty --l2-grid, --shots >= 1 and 0 < --val-fraction < 1")
+    if args.labels_per_class is not None and (not args.supervised or args.labels_per_class < 1):
+        fail("--labels-per-class needs --supervised and a positive number")
+
+    # --- seeding, device ---
+    t_start = time.time()
+    common.seed_everything(args.seed)
+    device = common.get_device(args.device)
+    autocast, _ = common.setup_amp(args.amp, device)
+
+    # --- encoder (a checkpoint's, random, pixels) and data ---
+    ckpt, encoder = None, None
+    if args.ckpt:
+        encoder, ckpt = load_ckpt_encoder(args.ckpt, device)
+        saved = ckpt.get("args", {})
+        args.data = args.data or ckpt.get("data") or saved.get("data")
+        if args.data is None:
+            fail(f"{args.ckpt} does not say which data it was trained on; give --data")
+        given = {a.dest for a in parser._actions for tok in (sys.argv[1:] if argv is None else argv)
+                 if tok.split("=")[0] in a.option_strings}
+        if args.data == saved.get("data"):  # the training data: read it as the training run did
+            for k in ("data_dir", "img_size", "imagenette_size", "shapes_n"):
+                if k in saved and k not in given:
+                    setattr(args, k, saved[k])
+        backbone = ckpt["backbone"]["name"]
+        label = f"{ckpt.get('method', '?')} checkpoint {args.ckpt} (epoch {ckpt.get('epoch')})"
+    else:
+        args.data = args.data or "shapes"
+        backbone = "pixels" if args.pixels else args.backbone
+        label = "raw pixels" if args.pixels else f"{'supervised' if args.supervised else 'random-init'} {backbone}"
+    data = common.dataset_from_args(args)
+    if (data.memory.labels < 0).any() or (data.test.labels < 0).any():
+        fail(f"--data {args.data} has unlabelled images in its evaluation splits; use a labelled dataset")
+    C = data.num_classes
+    # evaluation resolution: --img-size, else the checkpoint's training resolution, else the data's
+    img_size = args.img_size or (ckpt.get("img_size") if ckpt else None) or data.img_size
+    print(f"{label} on {data.name}: {len(data.memory)} labelled training / {len(data.test)} test images, {C} classes, "
+          f"evaluated at {img_size}px on {device}", flush=True)
+
+    rows = []
+    if args.random_init:
+        encoder = common.build_backbone(args.backbone, **common.backbone_kwargs(args, img_size)).to(device)
+    elif args.pixels:
+        encoder = Pixels().to(device)
+    elif args.supervised:
+        encoder, head, idx = train_supervised(args, data, device, autocast)
+        cache = FeatureCache(nn.Sequential(encoder, head), data, device, img_size, autocast, args.batch_size,
+                             args.workers)
+        top1, top5 = topk_accuracy(cache("test"), data.test.labels.to(device))
+        n = args.labels_per_class or "all"
+        rows.append({"protocol": "supervised from scratch", "setting": f"{n} labels/class, {args.sup_steps} steps",
+                     "top1": top1, "top5": top5})
+    if not args.pixels:
+        check_input_fits(encoder, data.test.images.shape[1], img_size, f"--data {args.data}")
+    out_json = (os.path.join(args.out, f"eval-{os.path.basename(os.path.normpath(args.data))}.json")
+                if args.out and not args.out.endswith(".json") else args.out)
+    if out_json is None and args.ckpt:
+        out_json = os.path.join(os.path.dirname(os.path.abspath(args.ckpt)),
+                                f"eval-{os.path.basename(os.path.normpath(args.data))}.json")
+    if out_json is None:
+        out_json = os.path.join(common.run_folder(args, f"eval-{backbone}"), "eval.json")
+    if args.supervised:  # the trained encoder, loadable by common.load_encoder
+        os.makedirs(os.path.dirname(os.path.abspath(out_json)), exist_ok=True)
+        common.save_checkpoint(os.path.join(os.path.dirname(os.path.abspath(out_json)), "supervised.pt"),
+                               method="supervised", args=vars(args), epoch=0, step=args.sup_steps,
+                               backbone={"name": args.backbone, "kwargs": common.backbone_kwargs(args, img_size)},
+                               encoder=encoder.state_dict(), head=head.state_dict(), labelled_indices=idx,
+                               img_size=img_size, data=args.data)
+
+    # --- features: once per split, reused by every protocol ---
+    feats = FeatureCache(encoder, data, device, img_size, autocast, args.batch_size, args.workers)
+    train_y, test_y = data.memory.labels.to(device), data.test.labels.to(device)
+    timings = {}
+
+    # --- 1, 2: weighted kNN and 1-NN (one similarity pass serves both) ---
+    if "knn" in protocols or "1nn" in protocols:
+        t0 = time.time()
+        sim, idx = knn_neighbours(feats("memory"), feats("test"), args.k)
+        if "knn" in protocols:
+            top1, top5 = topk_accuracy(knn_votes(sim, idx, train_y, C, args.k, args.temperature), test_y)
+            rows.append({"protocol": "weighted kNN", "setting": f"k={min(args.k, len(train_y))}, "
+                         f"τ={args.temperature}, cosine", "top1": top1, "top5": top5})
+        if "1nn" in protocols:
+            rows.append({"protocol": "1-NN", "setting": "cosine", "top1": topk_accuracy(
+                F.one_hot(train_y[idx[:, 0]], C).float(), test_y, (1,))[0], "top5": None})
+        del sim, idx
+        timings["knn_s"] = time.time() - t0
+
+    # --- 3, 4: linear probe on all labels, then on few labels per class ---
+    steps = args.probe_steps
+    if "linear" in protocols or "fewshot" in protocols:
+        t0 = time.time()
+        xtr, xte = feats("memory"), feats("test")
+        mean, std = xtr.mean(0), xtr.std(0)  # standardisation: statistics of every training image (no labels needed)
+        if "linear" in protocols:
+            top1, top5, l2 = linear_probe(xtr, train_y, xte, test_y, C, l2_grid, args.val_fraction, steps, args.seed,
+                                          mean, std)
+            rows.append({"protocol": "linear probe", "setting": f"all {len(train_y)} labels, L2 {l2:g} (chosen on "
+                         f"{args.val_fraction:.0%} held out)", "top1": top1, "top5": top5, "l2": l2})
+        if "fewshot" in protocols:
+            for n in shots:
+                sub = per_class_indices(data.memory.labels, n, args.seed, C)
+                if sub is None:
+                    print(f"few-shot {n} labels/class skipped: a class has fewer labelled images", flush=True)
+                    continue
+                sub = sub.to(device)
+                top1, top5, l2 = linear_probe(xtr[sub], train_y[sub], xte, test_y, C, l2_grid, args.val_fraction,
+                                              steps, args.seed, mean, std)
+                rows.append({"protocol": "few-shot linear probe", "setting": f"{n} labels/class, L2 {l2:g}",
+                             "top1": top1, "top5": top5, "labels_per_class": n, "l2": l2})
+        timings["linear_s"] = time.time() - t0
+
+    # --- 5: AlexNet per-layer linear probes and the MLP probe on frozen conv features ---
+    if "layers" in protocols and isinstance(encoder, common.AlexNet):
+        t0 = time.time()
+        layers = AlexNetLayers(encoder, img_size, args.layer_dim)
+        lfeats = FeatureCache(layers, data, device, img_size, autocast, args.batch_size, args.workers)
+        tr_parts, te_parts = lfeats("memory").split(layers.sizes, 1), lfeats("test").split(layers.sizes, 1)
+        chance = 100.0 / C
+        for l in range(5):
+            top1, top5, l2 = linear_probe(tr_parts[l], train_y, te_parts[l], test_y, C, l2_grid, args.val_fraction,
+                                          steps, args.seed)
+            rows.append({"protocol": "layer linear probe", "setting": f"conv{l + 1}, {layers.sizes[l]}-d pooled "
+                         f"(chance {chance:.1f})", "top1": top1, "top5": top5, "l2": l2})
+        top1, top5 = fit_mlp_probe(tr_parts[5], train_y, te_parts[5], test_y, C, args.mlp_hidden, args.mlp_epochs,
+                                   args.seed)
+        rows.append({"protocol": "MLP probe", "setting": f"frozen conv1-5, {layers.sizes[5]}-d (chance {chance:.1f})",
+                     "top1": top1, "top5": top5})
+        feats.extractions += lfeats.extractions
+        feats.seconds += lfeats.seconds
+        timings["layers_s"] = time.time() - t0
+    rows.append({"protocol": "chance", "setting": f"uniform guess, {C} classes", "top1": 100.0 / C,
+                 "top5": 500.0 / C if C > 5 else None})
+
+    # --- table, JSON ---
+    table = markdown_table(rows)
+    print(table, flush=True)
+    result = {"encoder": label, "method": ckpt.get("method") if ckpt else backbone, "backbone": backbone,
+              "data": args.data, "img_size": img_size, "num_classes": C, "train_images": len(data.memory),
+              "test_images": len(data.test), "seed": args.seed, "device": str(device), "rows": rows,
+              "extractions": feats.extractions, "extract_s": feats.seconds, **timings,
+              "wall_time_s": time.time() - t_start, "table": table}
+    os.makedirs(os.path.dirname(os.path.abspath(out_json)), exist_ok=True)
+    with open(out_json, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"wrote {out_json} ({result['wall_time_s']:.0f}s, features {feats.seconds:.0f}s)", flush=True)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -280,7 +280,8 @@ def main(argv=None):
     model = SimCLR(encoder, args.proj_hidden, args.proj_dim)
     if world > 1:
         model = common.convert_sync_batchnorm(model, device)
-    model = model.to(device, memory_format=torch.channels_last if device.type != "mps" else torch.preserve_format)
+    fmt = common.memory_format(device)
+    model = model.to(device, memory_format=fmt)
     lr = (args.lr or {"lars": 1.0, "sgd": 0.3, "adamw": 1e-3}[args.optimizer]) * args.batch_size / 256
     optimizer = make_optimizer(args.optimizer, param_groups(model, args.weight_decay), lr)
     total_steps, warmup_steps = args.epochs * steps_per_epoch, int(args.warmup_epochs * steps_per_epoch)
@@ -310,8 +311,8 @@ def main(argv=None):
         for step, (x, _) in enumerate(loader):
             x = x.to(device, non_blocking=True)
             with torch.no_grad():  # two independent views of every image, augmented on the device
-                v1 = simclr_augment(x, data.img_size, args.jitter_strength, args.crop_min_scale).contiguous(memory_format=torch.channels_last)
-                v2 = simclr_augment(x, data.img_size, args.jitter_strength, args.crop_min_scale).contiguous(memory_format=torch.channels_last)
+                v1 = simclr_augment(x, data.img_size, args.jitter_strength, args.crop_min_scale).contiguous(memory_format=fmt)
+                v2 = simclr_augment(x, data.img_size, args.jitter_strength, args.crop_min_scale).contiguous(memory_format=fmt)
             with autocast():
                 z1, z2 = train_model(v1).float(), train_model(v2).float()
             if world > 1:  # negatives from every rank; the gather back-propagates, so this is the global-batch loss

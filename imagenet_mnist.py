@@ -1,0 +1,401 @@
+"""What makes for good views: the optimal views depend on the downstream task (Tian et al. 2020), reproduced on
+natural images with an MNIST digit added on top.
+Paper: https://arxiv.org/abs/2005.10243 (section 3.2, Colorful-Moving-MNIST, table 1)
+
+Every image is a background (a labelled natural image) plus an MNIST digit. Two contrastive views share only what
+`--shared` says, and that decides what the representation keeps:
+    digit       the same digit image on two different backgrounds     -> the encoder keys on the digit
+    background  the same background with digits of different classes -> the encoder keys on the background
+    both        the same background and the same digit                -> the easier factor (background) wins
+Each setting trains an encoder with SimCLR's NT-Xent loss and projection head, then a weighted kNN judges it on
+two tasks, digit class and background class, of a fixed, seeded set of composed images. A random-init encoder is
+the reference row. Results: table.md, table.json and bars.png in the run folder. One process (no torchrun).
+
+    python imagenet_mnist.py --backgrounds shapes --shapes-n 2000 500 --img-size 32 --width 8 --epochs 5 \\
+        --batch-size 128 --device cpu                                  # synthetic backgrounds, small CPU run
+    python imagenet_mnist.py --shared all --backgrounds imagenette --img-size 72 --width 16 --epochs 20
+    python imagenet_mnist.py --shared digit --backgrounds /path/to/imagenette2-224 --mnist-dir /path/to/mnist
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+import torchvision
+
+import common
+from common import color_jitter, fail, gaussian_blur, normalize, random_flip, random_resized_crop, to_float
+from knn_eval import knn_predict
+from simclr import ProjectionHead, make_optimizer, nt_xent_loss, param_groups, warmup_cosine
+
+METHOD = "imagenet_mnist"
+SETTINGS = ["digit", "background", "both"]  # the table's row order
+ROW_NAMES = {"digit": "digit", "background": "background", "both": "digit, background", "random": "random init"}
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description="Tian et al. 2020: what two views share decides what is learnt",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--shared", default="all", choices=SETTINGS + ["all"],
+                   help="what the two views share (all: the three settings in a row)")
+    p.add_argument("--backgrounds", dest="data", default="imagenette",
+                   help="background images: any dataset of common.py or a folder path (the same as --data)")
+    p.add_argument("--digits", type=int, nargs="+", default=[1, 7], help="MNIST digit classes to use (0-9)")
+    p.add_argument("--mnist-dir", default=None, help="torchvision MNIST root (default: <data-dir>/mnist)")
+    p.add_argument("--digit-scale", type=float, default=0.5, help="digit side as a fraction of the image side")
+    p.add_argument("--max-images", type=int, default=0,
+                   help="use a seeded random subset of at most this many images of each background split (small CPU "
+                        "budgets; 0 = all)")
+    p.add_argument("--epochs", type=int, default=20, help="training epochs per setting")
+    p.add_argument("--batch-size", type=int, default=256, help="batch size (pairs of views)")
+    p.add_argument("--optimizer", default="sgd", choices=["lars", "sgd", "adamw"], help="optimizer")
+    p.add_argument("--lr", type=float, default=None,
+                   help="base learning rate per 256 images, scaled by batch-size/256 (default: lars 1.0, sgd 0.3, "
+                        "adamw 1e-3)")
+    p.add_argument("--weight-decay", type=float, default=1e-4, help="weight decay (not on biases and BatchNorm)")
+    p.add_argument("--warmup-epochs", type=float, default=1, help="linear warm-up epochs, then cosine decay")
+    p.add_argument("--temperature", type=float, default=0.5, help="NT-Xent temperature tau")
+    p.add_argument("--proj-hidden", type=int, default=None, help="projection head hidden size (default: feature size)")
+    p.add_argument("--proj-dim", type=int, default=128, help="projection head output size")
+    p.add_argument("--crop-min-scale", type=float, default=0.3, help="smallest crop area fraction of the background")
+    p.add_argument("--jitter-strength", type=float, default=0.5, help="background colour jitter strength s")
+    p.add_argument("--knn-every", type=int, default=5, help="two-task kNN monitor every N epochs (and the last)")
+    p.add_argument("--knn-k", type=int, default=200, help="kNN: neighbours")
+    p.add_argument("--knn-temperature", type=float, default=0.1, help="kNN: vote temperature")
+    common.add_common_args(p, backbone="resnet18")
+    p.set_defaults(data="imagenette")  # --data and --backgrounds are one flag
+    return p, p.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Digits: MNIST images of the chosen classes, resized once to the digit size, sorted by class.
+# ----------------------------------------------------------------------------------------------------------------
+def check_digits(digits):
+    if len(digits) < 2 or len(set(digits)) != len(digits) or not all(0 <= d <= 9 for d in digits):
+        fail(f"--digits needs at least two different classes from 0-9, got {digits}")
+
+
+def load_digits(root, digits, train, size):
+    """uint8 (n, 1, size, size) digit images and labels (n,) in 0..len(digits)-1 (the position in `digits`),
+    sorted by label, so class c occupies one contiguous range."""
+    try:
+        ds = torchvision.datasets.MNIST(root, train=train, download=True)
+        images, targets = ds.data, ds.targets
+    except Exception as e:  # no network, missing or broken idx files
+        fail(f"could not download or read MNIST in {root}: {type(e).__name__} {' '.join(str(e).split())[:200]}")
+    labels = torch.full_like(targets, -1)
+    for i, d in enumerate(digits):
+        labels[targets == d] = i
+    for i, d in enumerate(digits):
+        if not (labels == i).any():
+            fail(f"MNIST {'train' if train else 'test'} split in {root} has no images of digit {d}")
+    keep = torch.nonzero(labels >= 0)[:, 0]
+    order = keep[torch.sort(labels[keep], stable=True).indices]
+    return common.resize_uint8(images[order][:, None], size), labels[order].long()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Views: which background and which digit each of the two views gets, then composition and augmentation.
+# ----------------------------------------------------------------------------------------------------------------
+def sample_pairs(shared, bg_idx, num_backgrounds, digit_labels, generator=None):
+    """Indices (bg1, bg2, dg1, dg2), each (N,), of the two views of N samples whose first background is bg_idx.
+
+    digit:      dg2 = dg1 (the same digit image),  bg2 != bg1 (another background image)
+    background: bg2 = bg1 (the same background),   dg2 is a random digit of another class than dg1's
+    both:       bg2 = bg1 and dg2 = dg1
+    `digit_labels` (M,) must be sorted (class c is one contiguous range), as load_digits returns them."""
+    N, M = bg_idx.shape[0], digit_labels.shape[0]
+    counts = torch.bincount(digit_labels)  # (K,)
+    starts = counts.cumsum(0) - counts
+    K = counts.shape[0]
+    dg1 = torch.randint(0, M, (N,), generator=generator)
+    bg1 = bg_idx
+    if shared == "digit":  # a shift of 1..n-1 gives another image
+        bg2 = (bg1 + torch.randint(1, num_backgrounds, (N,), generator=generator)) % num_backgrounds
+    else:
+        bg2 = bg1
+    if shared == "background":  # another class c2 != c1, then a random digit of c2
+        c2 = (digit_labels[dg1] + torch.randint(1, K, (N,), generator=generator)) % K
+        dg2 = starts[c2] + (torch.rand(N, generator=generator) * counts[c2]).long().clamp(max=counts[c2] - 1)
+    else:
+        dg2 = dg1
+    return bg1, bg2, dg1, dg2
+
+
+def paste_digits(digits, size, corners):
+    """Digits float (N, 1, d, d) placed on an empty (N, 1, size, size) canvas with their top-left pixel at
+    corners (N, 2) = (x0, y0): one affine grid_sample for the batch (output pixel j reads digit pixel j - x0)."""
+    N, d = digits.shape[0], digits.shape[-1]
+    x0, y0 = corners[:, 0].float(), corners[:, 1].float()
+    theta = torch.zeros(N, 2, 3, device=digits.device)
+    theta[:, 0, 0] = theta[:, 1, 1] = size / d
+    theta[:, 0, 2], theta[:, 1, 2] = (size - 2 * x0) / d - 1, (size - 2 * y0) / d - 1
+    grid = F.affine_grid(theta, (N, 1, size, size), align_corners=False)
+    return F.grid_sample(digits, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def compose(backgrounds, digits, generator=None):
+    """Backgrounds float (N, 3, S, S) in [0, 1] plus uint8 digits (N, 1, d, d), each at a random position:
+    clip(background + digit, 0, 1). Returns float (N, 3, S, S)."""
+    N, S, d = backgrounds.shape[0], backgrounds.shape[-1], digits.shape[-1]
+    corners = torch.randint(0, S - d + 1, (N, 2), generator=generator).to(backgrounds.device)
+    return (backgrounds + paste_digits(to_float(digits), S, corners)).clamp(0, 1)
+
+
+def augment_view(backgrounds, digits, size, min_scale=0.3, jitter_strength=0.5):
+    """One training view: the background (uint8 (N, 3, H, W)) cropped, flipped, colour-jittered and blurred, then the
+    digit (uint8 (N, 1, d, d)) added at a random position. Returns normalised float (N, 3, size, size)."""
+    s = jitter_strength
+    x = random_resized_crop(to_float(backgrounds), size, scale=(min_scale, 1.0))
+    x = random_flip(x)
+    x = color_jitter(x, 0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s, p=0.8)
+    x = gaussian_blur(x, kernel_size=max(3, size // 10), sigma=(0.1, 2.0), p=0.5)
+    return normalize(compose(x, digits))
+
+
+def subset(split, n, seed):
+    """A seeded random subset of at most n images of a split (in their original order)."""
+    if len(split) <= n:
+        return split
+    keep = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed))[:n].sort().values
+    return common.Split(split.images[keep], split.labels[keep], split.classes)
+
+
+def make_eval_split(background_split, digit_images, digit_labels, seed):
+    """The fixed, seeded evaluation images: every background of the split plus a random digit at a random position.
+    Returns (common.Split with the background labels, digit labels (N,)); the same seed gives the same images."""
+    g = torch.Generator().manual_seed(seed)
+    N = len(background_split)
+    pick = torch.randint(0, len(digit_labels), (N,), generator=g)
+    images = []
+    for idx in torch.arange(N).split(1024):
+        bg = to_float(background_split.images[idx])
+        images.append((compose(bg, digit_images[pick[idx]], generator=g) * 255).round().to(torch.uint8))
+    split = common.Split(torch.cat(images), background_split.labels.clone(), background_split.classes)
+    return split, digit_labels[pick]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Evaluation: weighted kNN on the two tasks, the table
+# ----------------------------------------------------------------------------------------------------------------
+def two_task_errors(encoder, memory, test, device, k=200, temperature=0.1, autocast=None):
+    """Weighted-kNN error (%) of digit class and background class. memory/test: (Split, digit_labels, n_digits).
+    Leaves the RNG untouched (DataLoader draws a seed), so training does not depend on how often it runs."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        fm = common.extract_features(encoder, memory[0], device, autocast=autocast)
+        ft = common.extract_features(encoder, test[0], device, autocast=autocast)
+    errors = {}
+    for task, mem_y, test_y, C in [("digit", memory[1], test[1], memory[2]),
+                                   ("background", memory[0].labels, test[0].labels, len(test[0].classes))]:
+        pred = knn_predict(fm, mem_y.to(device), ft, C, k, temperature).cpu()
+        errors[f"{task}_error"] = 100.0 * (pred != test_y).float().mean().item()
+    return errors
+
+
+def write_table(rows, out):
+    """rows: {setting: {"digit_error", "background_error", ...}} -> table.md, table.json, bars.png in `out`."""
+    order = [s for s in SETTINGS + ["random"] if s in rows]
+    md = ["| shared between views | digit error (%) | background error (%) |", "|---|---|---|"]
+    md += [f"| {ROW_NAMES[s]} | {rows[s]['digit_error']:.1f} | {rows[s]['background_error']:.1f} |" for s in order]
+    md = "\n".join(md) + "\n"
+    with open(os.path.join(out, "table.md"), "w") as f:
+        f.write(md)
+    with open(os.path.join(out, "table.json"), "w") as f:
+        json.dump({s: rows[s] for s in order}, f, indent=2)
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    w = 0.8 / len(order)
+    for i, s in enumerate(order):
+        ax.bar([j + (i - (len(order) - 1) / 2) * w for j in range(2)],
+               [rows[s]["digit_error"], rows[s]["background_error"]], w, label=ROW_NAMES[s])
+    ax.set_xticks([0, 1], ["digit class", "background class"])
+    ax.set_ylabel("kNN error (%)")
+    ax.set_title("shared between the two views")
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "bars.png"), dpi=80)
+    plt.close(fig)
+    return md
+
+
+def paper_pattern(rows):
+    """Does each setting's shared factor have the lower error, as in the paper (only with all three settings)?"""
+    if not all(s in rows for s in SETTINGS):
+        return None
+    d, b, both = rows["digit"], rows["background"], rows["both"]
+    return {"digit_views_best_for_digits": d["digit_error"] < min(b["digit_error"], both["digit_error"]),
+            "background_views_better_for_backgrounds": b["background_error"] < d["background_error"],
+            "both_background_dominates": both["background_error"] < d["background_error"]
+            and both["digit_error"] > d["digit_error"]}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+def train_setting(args, shared, data, digits, memory, test, device, autocast, scaler, out, log_print):
+    """Pre-train one encoder with views that share `shared`, then return its two-task kNN errors.
+    Continues from <out>/last.pt when the run is resumed."""
+    ckpt_path = os.path.join(out, "last.pt")
+    ckpt = common.load_checkpoint(ckpt_path) if args.resume and os.path.exists(ckpt_path) else None
+    common.seed_everything(args.seed)  # every setting starts from the same initial weights
+    log = common.RunLog(out, args, start_epoch=ckpt["epoch"] if ckpt else 0)
+    digit_images, digit_labels = digits
+    n_bg, bs = len(data.train), args.batch_size
+    steps_per_epoch = n_bg // bs
+
+    # --- model, optimizer, schedule ---
+    bb_kwargs = common.backbone_kwargs(args, data.img_size)
+    encoder = common.build_backbone(args.backbone, **bb_kwargs)
+    model = torch.nn.ModuleDict({"encoder": encoder, "head": ProjectionHead(
+        encoder.feature_dim, args.proj_hidden or encoder.feature_dim, args.proj_dim)}).to(device)
+    lr = (args.lr or {"lars": 1.0, "sgd": 0.3, "adamw": 1e-3}[args.optimizer]) * bs / 256
+    optimizer = make_optimizer(args.optimizer, param_groups(model, args.weight_decay), lr)
+    total_steps, warmup_steps = args.epochs * steps_per_epoch, int(args.warmup_epochs * steps_per_epoch)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, total_steps, warmup_steps))
+
+    # --- resume ---
+    start_epoch = 0
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        scaler.load_state_dict(ckpt["scaler"])
+        common.set_rng_state(ckpt["rng"][0])
+        start_epoch = ckpt["epoch"]
+        log_print(f"[{shared}] resumed from {ckpt_path} at epoch {start_epoch}")
+    net = torch.compile(lambda x: model["head"](model["encoder"](x))) if args.compile else (
+        lambda x: model["head"](model["encoder"](x)))
+
+    # --- training loop ---
+    errors, t_start, images_seen = {}, time.time(), 0
+    for epoch in range(start_epoch, args.epochs):
+        model.train()
+        order = torch.randperm(n_bg, generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))
+        sums = {"loss": 0.0}
+        t_epoch = time.time()
+        for step in range(steps_per_epoch):
+            idx = order[step * bs:(step + 1) * bs]
+            bg1, bg2, dg1, dg2 = sample_pairs(shared, idx, n_bg, digit_labels)
+            with torch.no_grad():  # the two views, composed and augmented on the device
+                x1 = data.train.images[bg1].to(device, non_blocking=True)
+                x2 = x1 if shared != "digit" else data.train.images[bg2].to(device, non_blocking=True)
+                v1 = augment_view(x1, digit_images[dg1].to(device), data.img_size, args.crop_min_scale,
+                                  args.jitter_strength)
+                v2 = augment_view(x2, digit_images[dg2].to(device), data.img_size, args.crop_min_scale,
+                                  args.jitter_strength)
+            with autocast():
+                z1, z2 = net(v1).float(), net(v2).float()
+            loss = nt_xent_loss(z1, z2, args.temperature)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            sums["loss"] += loss.item()
+            images_seen += bs
+            done = epoch * steps_per_epoch + step + 1
+            if (step + 1) % args.log_every == 0 or step + 1 == steps_per_epoch:
+                log.progress(epoch + 1, args.epochs, step + 1, steps_per_epoch, images_seen,
+                             done - start_epoch * steps_per_epoch, total_steps - start_epoch * steps_per_epoch,
+                             loss=loss.item(), lr=scheduler.get_last_lr()[0])
+
+        # --- end of epoch: two-task kNN monitor, metrics, checkpoint ---
+        metrics = {"epoch": epoch + 1, "loss": sums["loss"] / steps_per_epoch, "lr": scheduler.get_last_lr()[0],
+                   "img_per_s": steps_per_epoch * bs / (time.time() - t_epoch)}
+        if (epoch + 1) % args.knn_every == 0 or epoch + 1 == args.epochs:
+            errors = two_task_errors(model["encoder"], memory, test, device, args.knn_k, args.knn_temperature,
+                                     autocast)
+            metrics.update(errors)
+        log.epoch(**metrics)
+        log_print(f"[{shared}] " + " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                             for k, v in metrics.items()))
+        common.save_checkpoint(
+            ckpt_path, method=METHOD, setting=shared, args=vars(args), epoch=epoch + 1,
+            step=(epoch + 1) * steps_per_epoch, backbone={"name": args.backbone, "kwargs": bb_kwargs},
+            encoder=model["encoder"].state_dict(), model=model.state_dict(), optimizer=optimizer.state_dict(),
+            scheduler=scheduler.state_dict(), scaler=scaler.state_dict(), rng=common.all_rng_states(),
+            img_size=data.img_size, data=args.data, metrics=metrics, errors=errors)
+    if not errors:  # resumed from a finished setting: judge the loaded encoder
+        errors = ckpt.get("errors") or two_task_errors(model["encoder"], memory, test, device, args.knn_k,
+                                                       args.knn_temperature, autocast)
+    return {**errors, "epochs": args.epochs, "train_wall_time_s": time.time() - t_start, "checkpoint": ckpt_path}
+
+
+def main(argv=None):
+    parser, args = get_args(argv)
+    ckpt = common.load_checkpoint(args.resume) if args.resume else None
+    if ckpt is not None:  # continue the experiment with the checkpoint's flags, except those given again
+        if ckpt.get("method") != METHOD:
+            fail(f"{args.resume} is a {ckpt.get('method')} checkpoint, not {METHOD}")
+        # (--resume itself is left out of argv: common.merge_resume_args would pass "resume" twice to dict())
+        argv = sys.argv[1:] if argv is None else argv
+        argv = [a for i, a in enumerate(argv) if "--resume" not in (a.split("=")[0], argv[i - 1] if i else None)]
+        args = common.merge_resume_args(parser, argv, args, ckpt["args"])
+    if args.epochs < 1 or args.batch_size < 2:
+        fail(f"--epochs must be >= 1 and --batch-size >= 2 (got {args.epochs}, {args.batch_size})")
+    check_digits(args.digits)
+    if not 0 < args.digit_scale <= 1:
+        fail(f"--digit-scale must be in (0, 1], got {args.digit_scale}")
+    if "RANK" in os.environ:
+        fail("imagenet_mnist.py runs in one process; start it with python, not torchrun")
+
+    # --- seeding, device ---
+    device = common.get_device(args.device)
+    common.seed_everything(args.seed)
+    autocast, scaler = common.setup_amp(args.amp, device)
+    # a resumed run continues in the folder holding the setting folders: <out>/<setting>/last.pt
+    out = (os.path.dirname(os.path.dirname(os.path.abspath(args.resume))) if args.resume
+           else common.run_folder(args, METHOD))
+    os.makedirs(out, exist_ok=True)
+
+    # --- data: backgrounds, digits, the fixed evaluation images ---
+    data = common.dataset_from_args(args)
+    if args.max_images < 0:
+        fail(f"--max-images must be >= 0, got {args.max_images}")
+    if args.max_images:
+        data.train = data.memory = subset(data.train, args.max_images, args.seed)
+        data.test = subset(data.test, args.max_images, args.seed + 1)
+    if len(data.train) < 2 or (data.memory.labels < 0).any() or (data.test.labels < 0).any():
+        fail(f"--backgrounds {args.data} needs labelled memory and test splits and at least 2 training images")
+    if args.batch_size > len(data.train):
+        fail(f"batch size {args.batch_size} is larger than the dataset ({len(data.train)} background images)")
+    d = max(4, round(args.digit_scale * data.img_size))
+    mnist_dir = args.mnist_dir or os.path.join(args.data_dir, "mnist")
+    digits_train = load_digits(mnist_dir, args.digits, True, d)
+    digits_test = load_digits(mnist_dir, args.digits, False, d)
+    K = len(args.digits)
+    memory = (*make_eval_split(data.memory, *digits_train, seed=args.seed), K)
+    test = (*make_eval_split(data.test, *digits_test, seed=args.seed + 1), K)
+    print(f"backgrounds {data.name}: {len(data.train)} training images at {data.img_size}px, {data.num_classes} "
+          f"classes; digits {args.digits} at {d}px: {len(digits_train[1])} train / {len(digits_test[1])} test; "
+          f"kNN on {len(memory[1])} memory / {len(test[1])} test images; device {device}; run folder {out}",
+          flush=True)
+
+    # --- the settings, then the random-init reference ---
+    t0 = time.time()
+    rows = {}
+    for shared in (SETTINGS if args.shared == "all" else [args.shared]):
+        rows[shared] = train_setting(args, shared, data, digits_train, memory, test, device, autocast, scaler,
+                                     os.path.join(out, shared), print)
+    common.seed_everything(args.seed)  # the same initial weights as every trained encoder
+    encoder = common.build_backbone(args.backbone, **common.backbone_kwargs(args, data.img_size)).to(device)
+    rows["random"] = two_task_errors(encoder, memory, test, device, args.knn_k, args.knn_temperature, autocast)
+
+    # --- summary: table.md, table.json, bars.png, summary.json ---
+    md = write_table(rows, out)
+    pattern = paper_pattern(rows)
+    summary = {"method": METHOD, "backgrounds": args.data, "digits": args.digits, "img_size": data.img_size,
+               "epochs": args.epochs, "rows": rows, "paper_pattern": pattern, "wall_time_s": time.time() - t0,
+               "device": str(device), "seed": args.seed}
+    with open(os.path.join(out, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    print(md + (f"paper's pattern: {pattern}\n" if pattern else "") + f"results in {out}", flush=True)
+    return summary
+
+
+if __name__ == "__main__":
+    main()
