@@ -15,6 +15,7 @@ in torch (no faiss), runs on the training device in chunks and never leaves a cl
 import argparse
 import json
 import os
+import sys
 import time
 
 import torch
@@ -268,7 +269,8 @@ def main(argv=None):
     if ckpt is not None:  # continue with the checkpoint's flags, except those given again on the command line
         if ckpt.get("method") != METHOD:
             fail(f"{args.resume} is a {ckpt.get('method')} checkpoint, not {METHOD}")
-        args = common.merge_resume_args(parser, argv, args, ckpt["args"])
+        given = [t for t in (sys.argv[1:] if argv is None else argv) if t.split("=")[0] != "--resume"]
+        args = common.merge_resume_args(parser, given, args, ckpt["args"])  # (--resume itself: always this one)
     if args.epochs < 1 or args.batch_size < 2:
         fail(f"--epochs must be >= 1 and --batch-size >= 2 (got {args.epochs}, {args.batch_size})")
     if args.pca_dim < 1 or args.kmeans_iters < 1 or args.feature_batch_size < 1:

@@ -20,16 +20,19 @@ import traceback
 
 import numpy as np
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import common  # noqa: E402
+import deepcluster  # noqa: E402
 import knn_eval  # noqa: E402
 import simclr  # noqa: E402
+import visualize  # noqa: E402
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", min(2, os.cpu_count() or 1))))
 
 
 def tmpdir():
@@ -586,6 +589,583 @@ def test_simclr_learns_on_shapes():
     base = random_init_knn(data, width=8, small_stem=True)
     print(f"    simclr kNN {s['knn_top1']:.1f}% vs random init {base:.1f}%")
     assert s["knn_top1"] > base + 10, (s["knn_top1"], base)
+
+
+# ================================================================================================================
+# knn_eval.py
+# ================================================================================================================
+# These tests are many small ops (L-BFGS on a few hundred features, tiny networks): on a shared 2-core machine one
+# thread is ~20x faster than two that wait for each other.
+
+
+# ================================================================================================================
+# knn_eval.py: protocols against slow references, probes, few-shot subsets, layer shapes, end to end, bad input
+# ================================================================================================================
+def test_knn_eval_weighted_knn_top5_and_1nn_match_brute_force():
+    g = torch.Generator().manual_seed(1)
+    train, labels, test = torch.randn(200, 8, generator=g), torch.randint(0, 7, (200,), generator=g), torch.randn(
+        30, 8, generator=g)
+    k, t = 100, 0.1  # every class gets votes (no ties at zero for the top-5)
+    sim, idx = knn_eval.knn_neighbours(train, test, k, chunk=7)  # chunked: same as one pass
+    scores = knn_eval.knn_votes(sim, idx, labels, 7, k, t)
+    assert torch.allclose(scores, knn_eval.knn_scores(train, labels, test, 7, k, t))
+    nn1 = knn_eval.nn1_predict(train, labels, test)
+    top1, top5 = knn_eval.topk_accuracy(scores, labels[:30])
+    tn, qn = F.normalize(train, dim=1), F.normalize(test, dim=1)
+    hits1 = hits5 = 0
+    for i in range(30):
+        s = sorted(((float(qn[i] @ tn[j]), j) for j in range(200)), reverse=True)
+        assert nn1[i].item() == labels[s[0][1]].item()  # 1-NN: the label of the most similar training image
+        votes = [0.0] * 7
+        for sij, j in s[:k]:
+            votes[labels[j]] += math.exp(sij / t)
+        ranked = sorted(range(7), key=lambda c: -votes[c])
+        assert max(abs(votes[c] - scores[i, c].item()) for c in range(7)) < 1e-3 * max(votes)
+        hits1 += ranked[0] == labels[i].item()
+        hits5 += sum(votes[c] > votes[labels[i]] for c in range(7)) < 5
+    assert abs(top1 - 100 * hits1 / 30) < 1e-6 and abs(top5 - 100 * hits5 / 30) < 1e-6
+    assert knn_eval.topk_accuracy(scores[:, :5], labels[:30] % 5)[1] is None  # top-5 of 5 classes: not reported
+
+
+def test_knn_eval_logreg_is_the_optimum_and_probe_separable_vs_random_labels():
+    g = torch.Generator().manual_seed(0)
+    # the fit is the minimum of the regularised objective: its gradient vanishes (slow reference in float64)
+    x, y = torch.randn(300, 6, generator=g), torch.randint(0, 3, (300,), generator=g)
+    lin = knn_eval.fit_logreg(x, y, 3, l2=0.01, steps=200)
+    W, b = lin.weight.detach().double().requires_grad_(), lin.bias.detach().double().requires_grad_()
+    loss = sum(-torch.log_softmax(W @ x[i].double() + b, 0)[y[i]] for i in range(300)) / 300 + 0.005 * (W ** 2).sum()
+    gw, gb = torch.autograd.grad(loss, [W, b])
+    assert gw.abs().max() < 1e-4 and gb.abs().max() < 1e-4, (gw.abs().max(), gb.abs().max())
+    # linearly separable classes: near-perfect; random labels: chance
+    C, D = 5, 32
+    means = torch.randn(C, D, generator=g) * 3
+    ytr, yte = torch.randint(0, C, (1000,), generator=g), torch.randint(0, C, (1000,), generator=g)
+    xtr, xte = means[ytr] + torch.randn(1000, D, generator=g), means[yte] + torch.randn(1000, D, generator=g)
+    top1, _, l2 = knn_eval.linear_probe(xtr, ytr, xte, yte, C, [1e-4, 1e-2], steps=50)
+    assert top1 > 97 and l2 in (1e-4, 1e-2), top1
+    top1, _, _ = knn_eval.linear_probe(xtr, torch.randint(0, C, (1000,), generator=g), xte,
+                                       torch.randint(0, C, (1000,), generator=g), C, [1e-4, 1e-2], steps=50)
+    assert abs(top1 - 100 / C) < 6, top1
+
+
+def test_knn_eval_few_shot_subsets_exact_reproducible_and_heldout_split():
+    labels = torch.arange(1000) % 7
+    labels[labels == 6] = 5  # class 5 has twice as many images, class 6 none -> 6 classes
+    a = knn_eval.per_class_indices(labels, 20, seed=3)
+    assert torch.equal(a, knn_eval.per_class_indices(labels, 20, seed=3))  # same seed, same subset
+    assert not torch.equal(a, knn_eval.per_class_indices(labels, 20, seed=4))
+    assert torch.bincount(labels[a]).tolist() == [20] * 6 and len(a.unique()) == 120
+    assert knn_eval.per_class_indices(labels, 200, seed=0) is None  # classes have 142-143 images
+    assert knn_eval.per_class_indices(labels, 10, seed=0, num_classes=7) is None  # a class with no images
+    tr, va = knn_eval.heldout_split(labels, 0.1, seed=0)
+    assert len(set(tr.tolist()) & set(va.tolist())) == 0 and len(tr) + len(va) == 1000
+    counts = torch.bincount(labels[va])
+    assert all(abs(counts[c].item() - 0.1 * (labels == c).sum().item()) <= 1 for c in range(6))
+    tr, va = knn_eval.heldout_split(torch.zeros(20, dtype=torch.long), 0.1)  # 20 images of one class: 2 held out
+    assert len(va) == 2 and len(tr) == 18
+
+
+def test_knn_eval_alexnet_layer_probe_shapes_32_and_224():
+    for size, small in [(32, True), (224, False)]:
+        net = common.build_backbone("alexnet", width=16, small=small).eval()
+        layers = knn_eval.AlexNetLayers(net, size, layer_dim=256)
+        x = torch.rand(2, 3, size, size)
+        with torch.no_grad():
+            out, maps = layers(x), net.conv_features(x)
+        c = [m[0].out_channels for m in net.convs]
+        assert out.shape == (2, sum(layers.sizes)) and len(layers.sizes) == 6
+        for l in range(5):  # C_l p^2 with the grid p chosen so that C_l p^2 ~ 256
+            p = math.isqrt(layers.sizes[l] // c[l])
+            assert layers.sizes[l] == c[l] * p * p and 0.25 * 256 <= layers.sizes[l] <= 4 * 256, (size, l, p)
+        assert layers.sizes[5] == c[4] * (16 if small else 36)  # what fc6 sees
+        p = math.isqrt(layers.sizes[2] // c[2])  # conv3's part of the concatenation is its pooled map
+        start = sum(layers.sizes[:2])
+        assert torch.allclose(out[:, start:start + layers.sizes[2]], F.adaptive_avg_pool2d(maps[2], p).flatten(1))
+
+
+def _ckpt(d, name="resnet18", **kw):
+    torch.manual_seed(0)
+    enc = common.build_backbone(name, **kw)
+    path = os.path.join(d, "last.pt")
+    common.save_checkpoint(path, method="simclr", args={"data": "shapes", "shapes_n": [300, 100]}, epoch=3, step=9,
+                           backbone={"name": name, "kwargs": kw}, encoder=enc.state_dict(), img_size=32, data="shapes")
+    return path
+
+
+FAST = ["--l2-grid", "1e-4,1e-2", "--probe-steps", "30", "--shots", "10,20,50", "--device", "cpu", "--k", "20"]
+
+
+def test_knn_eval_end_to_end_checkpoint_random_init_pixels():
+    d = tmpdir()
+    path = _ckpt(d, width=4, small_stem=True)
+    r = knn_eval.main(["--ckpt", path] + FAST)  # data, sizes: the checkpoint's
+    assert r["data"] == "shapes" and r["train_images"] == 300 and r["extractions"] == 2  # once per split
+    protos = [row["protocol"] for row in r["rows"]]
+    assert protos == ["weighted kNN", "1-NN", "linear probe"] + ["few-shot linear probe"] * 2 + ["chance"], protos
+    assert [row.get("labels_per_class") for row in r["rows"][3:5]] == [10, 20]  # 50/class > 30 images: skipped
+    assert all(0 <= row["top1"] <= 100 for row in r["rows"]) and r["rows"][1]["top5"] is None
+    saved = json.load(open(os.path.join(d, "eval-shapes.json")))  # next to the checkpoint
+    assert saved["rows"] == r["rows"] and "| weighted kNN |" in saved["table"]
+    # the same weights as --random-init with the same seed give the same numbers
+    r2 = knn_eval.main(["--random-init", "--data", "shapes", "--shapes-n", "300", "100", "--width", "4",
+                        "--out", d] + FAST)
+    assert [x["top1"] for x in r2["rows"]] == [x["top1"] for x in r["rows"]]
+    r3 = knn_eval.main(["--pixels", "--data", "shapes", "--shapes-n", "300", "100", "--protocols", "knn,1nn",
+                        "--out", os.path.join(d, "px.json")] + FAST)
+    assert len(r3["rows"]) == 3 and os.path.exists(os.path.join(d, "px.json"))
+
+
+def test_knn_eval_alexnet_layers_mlp_and_supervised_baseline():
+    d = tmpdir()
+    base = ["--data", "shapes", "--shapes-n", "200", "100", "--width", "4", "--out", d] + FAST
+    r = knn_eval.main(["--random-init", "--backbone", "alexnet", "--protocols", "layers", "--mlp-epochs", "2"] + base)
+    assert [x["setting"].split(",")[0] for x in r["rows"][:6]] == ["conv1", "conv2", "conv3", "conv4", "conv5",
+                                                                     "frozen conv1-5"]
+    assert "chance 10.0" in r["rows"][0]["setting"] and r["extractions"] == 2
+    s = knn_eval.main(["--supervised", "--labels-per-class", "10", "--sup-steps", "15", "--sup-batch-size", "32", "--protocols", "knn",
+                       "--log-every", "1000"] + base)
+    assert s["rows"][0]["protocol"] == "supervised from scratch" and s["rows"][1]["protocol"] == "weighted kNN"
+    enc, ckpt = common.load_encoder(os.path.join(d, "supervised.pt"))
+    assert len(ckpt["labelled_indices"]) == 100 and ckpt["method"] == "supervised"
+    # light augmentation: a translated window of the reflect-padded image (a constant image stays constant)
+    x = torch.rand(4, 3, 16, 16)
+    y = knn_eval.light_augment(x, 16)
+    assert y.shape == x.shape and torch.allclose(knn_eval.light_augment(torch.full_like(x, 0.3), 16), 0.3 + 0 * x)
+    assert not torch.equal(y, x) or not torch.equal(knn_eval.light_augment(x, 16), x)
+
+
+def test_knn_eval_bad_input_errors():
+    d = tmpdir()
+    base = FAST + ["--out", d]
+    expect_exit(lambda: knn_eval.main(["--ckpt", os.path.join(d, "missing.pt")] + base), "checkpoint not found")
+    torch.save({"state_dict": {}}, os.path.join(d, "other.pt"))
+    expect_exit(lambda: knn_eval.main(["--ckpt", os.path.join(d, "other.pt")] + base), "not a checkpoint of this project")
+    torch.save({"format": common.CKPT_FORMAT, "backbone": {"name": "resnet18", "kwargs": {"width": 4}},
+                "encoder": {"junk": torch.zeros(1)}}, os.path.join(d, "broken.pt"))
+    expect_exit(lambda: knn_eval.main(["--ckpt", os.path.join(d, "broken.pt")] + base), "cannot be rebuilt")
+    # an ImageNet-stem AlexNet cannot take 32 px images; a 1-channel input does not fit a 3-channel stem
+    path = _ckpt(d, "alexnet", width=4, small=False)
+    expect_exit(lambda: knn_eval.main(["--ckpt", path, "--img-size", "32"] + base), "32px images do not fit")
+    enc = common.build_backbone("resnet18", width=4, small_stem=True)
+    expect_exit(lambda: knn_eval.check_input_fits(enc, 1, 32, "--data x"), "1-channel images do not fit")
+    sh = ["--random-init", "--data", "shapes", "--shapes-n", "50", "20", "--width", "4"]
+    expect_exit(lambda: knn_eval.main(sh + base + ["--protocols", "knn,svm"]), "--protocols")
+    expect_exit(lambda: knn_eval.main(sh + base + ["--labels-per-class", "5"]), "--labels-per-class needs --supervised")
+    expect_exit(lambda: knn_eval.main(sh + base + ["--k", "0"]), "--k >= 1")
+    expect_exit(lambda: knn_eval.main(["--supervised", "--labels-per-class", "100"] + sh[1:] + base), "fewer labelled")
+    r = run_script("knn_eval.py", "--ckpt", os.path.join(d, "missing.pt"), "--device", "cpu")
+    assert r.returncode == 1 and r.stderr.strip() == f"error: checkpoint not found: {os.path.join(d, 'missing.pt')}"
+
+
+# ================================================================================================================
+# deepcluster.py
+# ================================================================================================================
+# `import *` brought test_all's own tests along: keep only this file's, so that pytest runs each test once
+for _name in [n for n in globals() if n.startswith("test_") and not n.startswith("test_deepcluster")]:
+    del globals()[_name]
+
+
+# ================================================================================================================
+# DeepCluster: k-means, PCA-whitening, NMI, the uniform-over-clusters sampler
+# ================================================================================================================
+def lloyd_reference(x, init, n_iter):
+    """Slow and obvious Lloyd's algorithm: one point and one centroid at a time."""
+    x = x.double().tolist()
+    c = init.double().tolist()
+
+    def assign_all():
+        return [min(range(len(c)), key=lambda j: sum((a - b) ** 2 for a, b in zip(p, c[j]))) for p in x]
+    for _ in range(n_iter):
+        a = assign_all()
+        for j in range(len(c)):
+            members = [p for p, aj in zip(x, a) if aj == j]
+            if members:
+                c[j] = [sum(col) / len(members) for col in zip(*members)]
+    return torch.tensor(c, dtype=torch.double), torch.tensor(assign_all())
+
+
+def test_deepcluster_kmeans_matches_lloyd_reference():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(100, 5, generator=g, dtype=torch.double)
+    init = x[torch.randperm(100, generator=g)[:6]]
+    ref_c, ref_a = lloyd_reference(x, init, 8)
+    for chunk in (7, 1000):  # chunking the distance matrix changes nothing
+        c, a = deepcluster.kmeans(x, 6, n_iter=8, init=init, chunk=chunk)
+        assert torch.equal(a, ref_a) and torch.allclose(c, ref_c, atol=1e-10)
+    # without init: k distinct data points, the same result for the same seed, another for another seed
+    c0, a0 = deepcluster.kmeans(x, 6, n_iter=0, seed=3)
+    assert len({tuple(r) for r in c0.tolist()}) == 6 and all(r in x.tolist() for r in c0.tolist())
+    assert torch.equal(deepcluster.kmeans(x, 6, seed=3)[1], deepcluster.kmeans(x, 6, seed=3)[1])
+    assert not torch.equal(deepcluster.kmeans(x, 6, n_iter=0, seed=3)[0], deepcluster.kmeans(x, 6, n_iter=0, seed=4)[0])
+    # the objective is the mean squared distance to the assigned centroid
+    obj = deepcluster.kmeans_objective(x, c0, a0)
+    assert abs(obj - sum(((x[i] - c0[a0[i]]) ** 2).sum().item() for i in range(100)) / 100) < 1e-9
+
+
+def test_deepcluster_kmeans_recovers_blobs():
+    g = torch.Generator().manual_seed(1)
+    centers = torch.randn(4, 32, generator=g) * 10
+    labels = torch.randint(4, (4000,), generator=g)
+    x = centers[labels] + torch.randn(4000, 32, generator=g)
+    # Lloyd's algorithm from k random points (faiss's start) keeps two blobs merged when two starting points fall in
+    # one blob (a local minimum): keep the lowest objective of a few seeds, as faiss's `nredo` does
+    runs = [deepcluster.kmeans(x, 4, n_iter=5, seed=s) for s in range(10)]
+    c, a = min(runs, key=lambda r: deepcluster.kmeans_objective(x, *r))
+    score = deepcluster.nmi(labels, a)
+    assert score > 0.95, score
+    assert c.shape == (4, 32) and a.shape == (4000,) and a.dtype == torch.int64
+
+
+def test_deepcluster_kmeans_never_returns_an_empty_cluster():
+    # 3 distinct points, 100 copies each, 10 clusters: Lloyd's algorithm alone leaves 7 clusters empty
+    x = torch.tensor([[0.0, 0], [5, 0], [0, 5]]).repeat_interleave(100, 0)
+    for seed in range(3):
+        _, a = deepcluster.kmeans(x, 10, n_iter=5, seed=seed)
+        assert torch.bincount(a, minlength=10).min() >= 1, torch.bincount(a, minlength=10)
+    # centroids started far from the data: all points go to one cluster, the others are refilled by splitting
+    g = torch.Generator().manual_seed(0)
+    y = torch.randn(500, 4, generator=g)
+    init = torch.cat([torch.zeros(1, 4), torch.full((5, 4), 1e3)])
+    c, a = deepcluster.kmeans(y, 6, n_iter=10, init=init)
+    sizes = torch.bincount(a, minlength=6)
+    assert sizes.min() >= 1 and sizes.max() < 400, sizes
+    assert (c.abs() < 10).all()  # every centroid moved to the data
+    # k == N: every point its own cluster
+    _, a = deepcluster.kmeans(y[:20], 20, n_iter=3)
+    assert sorted(a.tolist()) == list(range(20))
+    expect_exit(lambda: deepcluster.kmeans(y[:5], 6), "k=6", "5 points")
+
+
+def nmi_reference(a, b):
+    """NMI from the definition, with plain Python counting."""
+    n = len(a)
+    pa = {u: a.count(u) / n for u in set(a)}
+    pb = {v: b.count(v) / n for v in set(b)}
+    pab = {}
+    for u, v in zip(a, b):
+        pab[u, v] = pab.get((u, v), 0) + 1 / n
+    mi = sum(p * math.log(p / (pa[u] * pb[v])) for (u, v), p in pab.items())
+    ha = -sum(p * math.log(p) for p in pa.values())
+    hb = -sum(p * math.log(p) for p in pb.values())
+    return mi / ((ha + hb) / 2)
+
+
+def test_deepcluster_nmi_values():
+    nmi = deepcluster.nmi
+    # by hand: H(a) = ln 2, H(b) = -(3/4 ln 3/4 + 1/4 ln 1/4), I = 1/2 ln 4/3 + 1/4 ln 2/3 + 1/4 ln 2
+    a, b = [0, 0, 1, 1], [0, 0, 0, 1]
+    hand = (0.5 * math.log(4 / 3) + 0.25 * math.log(2 / 3) + 0.25 * math.log(2)) / (
+        (math.log(2) - 0.75 * math.log(0.75) - 0.25 * math.log(0.25)) / 2)
+    assert abs(nmi(a, b) - hand) < 1e-9 and abs(hand - 0.34371) < 1e-4
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(7, (3000,), generator=g)
+    assert abs(nmi(x, x) - 1) < 1e-9
+    assert abs(nmi(x, torch.randperm(7, generator=g)[x] + 100) - 1) < 1e-9  # renaming the ids changes nothing
+    assert nmi(x, torch.randint(5, (3000,), generator=g)) < 0.01  # independent labelings
+    assert nmi([3, 3, 3], [1, 1, 1]) == 1.0 and nmi([3, 3, 3], [1, 2, 1]) == 0.0
+    for n, ka, kb in [(10, 3, 4), (200, 5, 9), (57, 1, 6)]:
+        u, v = torch.randint(ka, (n,), generator=g).tolist(), torch.randint(kb, (n,), generator=g).tolist()
+        u[0], v[0] = 99, 99  # ids need not be 0..k-1
+        if len(set(u)) > 1 or len(set(v)) > 1:
+            assert abs(nmi(u, v) - nmi_reference(u, v)) < 1e-9, (n, ka, kb)
+        assert abs(nmi(u, v) - nmi(v, u)) < 1e-12
+    expect_exit(lambda: nmi([0, 1], [0, 1, 2]), "same length")
+
+
+def test_deepcluster_pca_whiten_identity_covariance():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3000, 20, generator=g) @ torch.randn(20, 20, generator=g) + 5  # correlated, offset
+    y = deepcluster.pca_whiten(x, 8)
+    assert y.shape == (3000, 8)
+    cov = torch.cov(y.double().T)
+    assert torch.allclose(cov, torch.eye(8, dtype=torch.double), atol=1e-3), cov
+    assert y.mean(0).abs().max() < 1e-4
+    # the kept axes are the top-8 principal axes: up to sign, y_i = (x - mean) v_i / sqrt(lambda_i) (numpy SVD)
+    xc = (x - x.mean(0)).double().numpy()
+    _, s, vt = np.linalg.svd(xc, full_matrices=False)
+    ref = xc @ vt[:8].T / (s[:8] / math.sqrt(len(xc) - 1))
+    signs = np.sign((ref * y.double().numpy()).sum(0))
+    assert np.allclose(ref * signs, y.double().numpy(), atol=1e-3)
+    assert deepcluster.pca_whiten(x, 64).shape == (3000, 20)  # never more than the input's dimensions
+    z = deepcluster.preprocess_features(x, 8)
+    assert torch.allclose(z.norm(dim=1), torch.ones(3000), atol=1e-5)
+
+
+def test_deepcluster_sampler_uniform_over_clusters():
+    sizes = [3000, 800, 150, 40, 9, 1]
+    assign = torch.cat([torch.full((s,), c) for c, s in enumerate(sizes)])[torch.randperm(sum(sizes))]
+    n = len(assign)
+    idx = deepcluster.uniform_cluster_sampler(assign, n, torch.Generator().manual_seed(0))
+    assert idx.shape == (n,) and idx.dtype == torch.int64 and 0 <= idx.min() and idx.max() < n
+    counts = torch.bincount(assign[idx], minlength=len(sizes))
+    per = n // len(sizes) + 1
+    assert counts.max() <= per and counts.min() >= per - len(sizes) * per + n, counts  # about N/k each
+    for c in range(2):  # clusters of at least N/k images: drawn without replacement
+        drawn = idx[assign[idx] == c]
+        assert len(drawn.unique()) == len(drawn)
+    assert len(idx[assign[idx] == 5].unique()) == 1  # a cluster of one image: that image, many times
+    # empty cluster ids are skipped; the same generator seed gives the same order
+    a2 = torch.tensor([0, 0, 0, 0, 3, 3])
+    i2 = deepcluster.uniform_cluster_sampler(a2, 6, torch.Generator().manual_seed(1))
+    c2 = torch.bincount(a2[i2], minlength=4).tolist()
+    assert c2[1] == c2[2] == 0 and 2 <= c2[0] <= 4 and 2 <= c2[3] <= 4, c2
+    assert torch.equal(i2, deepcluster.uniform_cluster_sampler(a2, 6, torch.Generator().manual_seed(1)))
+
+
+# ================================================================================================================
+# DeepCluster: the script
+# ================================================================================================================
+def test_deepcluster_bad_input_errors():
+    d = tmpdir()
+    base = ["--data", "shapes", "--shapes-n", "64", "16", "--width", "4", "--device", "cpu", "--out", d,
+            "--batch-size", "32", "--k", "8"]
+    expect_exit(lambda: deepcluster.main(base + ["--epochs", "0"]), "--epochs")
+    expect_exit(lambda: deepcluster.main(base[:-2]), "--k", "got 100")  # default k = 10 x 10 classes > 64 images
+    expect_exit(lambda: deepcluster.main(base + ["--k", "1"]), "--k", "64")
+    expect_exit(lambda: deepcluster.main(base + ["--k", "65"]), "--k", "65")
+    expect_exit(lambda: deepcluster.main(base + ["--batch-size", "128"]), "larger than the dataset")
+    expect_exit(lambda: deepcluster.main(base + ["--pca-dim", "0"]), "--pca-dim")
+    expect_exit(lambda: deepcluster.main(base + ["--samples-per-epoch", "10", "--batch-size", "32"]),
+                "--samples-per-epoch 10")
+    expect_exit(lambda: deepcluster.main(base + ["--crop-min-scale", "0"]), "--crop-min-scale")
+    expect_exit(lambda: deepcluster.main(base + ["--data", "no-such-set"]), "unknown dataset")
+    expect_exit(lambda: deepcluster.main(base + ["--width", "0"]), "--width")
+    expect_exit(lambda: deepcluster.main(base + ["--resume", os.path.join(d, "missing.pt")]), "checkpoint not found")
+    torch.save({"format": common.CKPT_FORMAT, "method": "simclr", "args": {}}, os.path.join(d, "s.pt"))
+    expect_exit(lambda: deepcluster.main(base + ["--resume", os.path.join(d, "s.pt")]), "simclr checkpoint")
+    if not torch.cuda.is_available():
+        expect_exit(lambda: deepcluster.main(base + ["--amp", "fp16"]), "--amp fp16 needs a CUDA device")
+    r = run_script("deepcluster.py", "--data", "/no/such/folder", "--device", "cpu", "--out", d)
+    assert r.returncode == 1 and r.stderr.strip() == "error: dataset folder not found: /no/such/folder", r.stderr
+
+
+def test_deepcluster_resume_continues_exactly():
+    """2 epochs in one go == 1 epoch, then --resume for the second (same clusters, losses, NMI and weights)."""
+    d1, d2 = tmpdir(), tmpdir()
+    base = ["--data", "shapes", "--shapes-n", "96", "32", "--width", "4", "--batch-size", "32", "--k", "6",
+            "--device", "cpu", "--knn-every", "1", "--log-every", "1000"]
+    deepcluster.main(base + ["--epochs", "2", "--out", d1])
+    deepcluster.main(base + ["--epochs", "1", "--out", d2])
+    s = deepcluster.main(["--resume", os.path.join(d2, "last.pt"), "--epochs", "2"])
+    m1 = [json.loads(x) for x in open(os.path.join(d1, "metrics.jsonl"))]
+    m2 = [json.loads(x) for x in open(os.path.join(d2, "metrics.jsonl"))]
+    assert [r["epoch"] for r in m2] == [1, 2] and m2[0]["nmi_prev"] is None and m2[1]["nmi_prev"] is not None
+    for a, b in zip(m1, m2):
+        for key in ("loss", "clustering_loss", "nmi_labels", "nmi_prev", "min_cluster", "max_cluster"):
+            assert (a[key] is None and b[key] is None) or abs(a[key] - b[key]) < 1e-4, (key, a, b)
+    c1, c2 = (torch.load(os.path.join(d, "last.pt"), weights_only=False) for d in (d1, d2))
+    assert torch.equal(c1["assignments"], c2["assignments"])
+    assert all(torch.allclose(c1["model"][k].float(), c2["model"][k].float(), atol=1e-4) for k in c1["model"])
+    assert s["epochs"] == 2 and os.path.exists(os.path.join(d2, "nmi.png"))
+    # the checkpoint is a checkpoint of this project: load_encoder rebuilds the Sobel AlexNet
+    enc, ckpt = common.load_encoder(os.path.join(d2, "last.pt"))
+    assert isinstance(enc, common.AlexNet) and enc.sobel is not None and ckpt["k"] == 6
+
+
+def test_deepcluster_learns_on_shapes():
+    """The end-to-end check: DeepCluster on the synthetic shapes, on the CPU, beats the random-init AlexNet's kNN.
+    Small-budget settings: a small PCA (fc7 has only 512 dimensions at width 8) and 3 x N images per clustering, so
+    that the re-initialised top layer has enough steps to fit each epoch's clusters."""
+    d = tmpdir()
+    s = deepcluster.main(["--data", "shapes", "--shapes-n", "1000", "300", "--width", "8", "--epochs", "4",
+                          "--batch-size", "32", "--k", "20", "--lr", "0.1", "--pca-dim", "32",
+                          "--samples-per-epoch", "3000", "--crop-min-scale", "0.3", "--knn-every", "4",
+                          "--device", "cpu", "--out", d, "--log-every", "1000"])
+    data = common.load_dataset("shapes", shapes_n=(1000, 300))
+    base = random_init_knn(data, backbone="alexnet", width=8, sobel=True, small=True)
+    print(f"    deepcluster kNN {s['knn_top1']:.1f}% vs random init {base:.1f}%")
+    assert s["knn_top1"] > base + 10, (s["knn_top1"], base)
+    rows = [json.loads(x) for x in open(os.path.join(d, "metrics.jsonl"))]
+    assert all(r["min_cluster"] >= 1 for r in rows) and rows[-1]["nmi_prev"] > rows[1]["nmi_prev"] > 0
+
+
+# ================================================================================================================
+# visualize.py
+# ================================================================================================================
+# ================================================================================================================
+# visualize.py
+# ================================================================================================================
+def _tiny_ckpt(d, name="resnet18", method="simclr", **kw):
+    """A checkpoint of a random-init network (what load_encoder reads), on the tiny shapes dataset."""
+    torch.manual_seed(0)
+    kw = kw or ({"width": 8, "small_stem": True} if name == "resnet18" else {"width": 4, "sobel": True, "small": True})
+    enc = common.build_backbone(name, **kw)
+    path = os.path.join(d, f"{method}-{name}.pt")
+    common.save_checkpoint(path, method=method, args={"data": "shapes", "shapes_n": [24, 16], "seed": 0,
+                                                      "crop_min_scale": 0.2, "jitter_strength": 0.5},
+                           epoch=1, step=1, backbone={"name": name, "kwargs": kw}, encoder=enc.state_dict(),
+                           rng=common.all_rng_states(), img_size=32, data="shapes")
+    return path
+
+
+def _stages_reference(enc, x):
+    """Layers 1..5 by hand: AlexNet conv_features, ResNet stem ReLU then layer1..layer4."""
+    if isinstance(enc, common.AlexNet):
+        return enc.conv_features(x)
+    h = enc.relu(enc.bn1(enc.conv1(x)))
+    outs = [h]
+    h = enc.maxpool(h)
+    for layer in (enc.layer1, enc.layer2, enc.layer3, enc.layer4):
+        h = layer(h)
+        outs.append(h)
+    return outs
+
+
+def _check_png(path, size):
+    im = Image.open(path)
+    im.load()
+    assert abs(im.size[0] - size[0]) <= 1 and abs(im.size[1] - size[1]) <= 1, (path, im.size, size)
+    gray = np.asarray(im.convert("L"), dtype=np.float32)
+    assert gray.std() > 5 and (gray < 128).mean() > 0.01, path  # not blank
+
+
+def test_visualize_activations_and_top_k_match_direct_computation():
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (13, 3, 32, 32), dtype=torch.uint8)
+    x = common.normalize(common.to_float(images))
+    for name, kw in [("resnet18", {"width": 8, "small_stem": True}), ("alexnet", {"width": 4, "small": True}),
+                     ("alexnet", {"width": 4, "small": True, "sobel": False})]:
+        enc = common.build_backbone(name, **kw).eval()
+        with torch.no_grad():
+            ref = [o.mean((2, 3)) for o in _stages_reference(enc, x)]
+        for layer in range(1, 6):  # batches of 5: the last one is partial
+            got = visualize.compute_activations(enc, images, layer, batch_size=5, log=lambda *a: None)
+            assert got.shape == ref[layer - 1].shape and torch.allclose(got, ref[layer - 1], atol=1e-5), (name, layer)
+            assert (got >= 0).all()
+    # top-k: a plain sort of each filter's column
+    acts = torch.rand(40, 7, generator=torch.Generator().manual_seed(1))
+    vals, idx = visualize.top_k_images(acts, [3, 0, 6], 5)
+    for row, f in enumerate([3, 0, 6]):
+        order = sorted(range(40), key=lambda i: -acts[i, f].item())[:5]
+        assert idx[row].tolist() == order and torch.equal(vals[row], acts[order, f])
+    assert visualize.top_k_images(acts, [1], 100)[1].shape == (1, 40)  # k is capped at the number of images
+    # a generic network: each trainable conv is a layer, seen through a ReLU
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Tanh(), nn.Conv2d(4, 2, 3), nn.Flatten())
+    got = visualize.compute_activations(net, images, 2, log=lambda *a: None)
+    with torch.no_grad():
+        assert torch.allclose(got, torch.relu(net[2](net[1](net[0](x)))).mean((2, 3)), atol=1e-6)
+
+
+def test_visualize_maximize_increases_activation():
+    for name, kw, layer in [("resnet18", {"width": 8, "small_stem": True}, 3), ("alexnet", {"width": 4, "small": True}, 2)]:
+        torch.manual_seed(0)
+        enc = common.build_backbone(name, **kw).eval()
+        img, hist = visualize.maximize_activation(enc, layer, 1, 32, steps=15, lr=0.1, blur_every=4)
+        assert len(hist) == 16 and img.shape == (3, 32, 32) and 0 <= img.min() and img.max() <= 1
+        assert hist[-1] > 2 * hist[0] + 1e-3, (name, hist[0], hist[-1])
+        # what it reports is the filter's activation on the returned image (after re-normalisation)
+        with torch.no_grad():
+            a = visualize.layer_output(enc, common.normalize(img[None]), layer)[0, 1].mean().item()
+        assert abs(a - hist[-1]) < 1e-3 * max(1, abs(a)), (a, hist[-1])
+
+
+def test_visualize_view_similarity_pca_and_filter_tiles():
+    torch.manual_seed(0)
+    enc = common.build_backbone("resnet18", width=8, small_stem=True).eval()
+    v1, v2 = torch.randn(6, 3, 32, 32), torch.randn(6, 3, 32, 32)
+    sim, acc = visualize.view_similarity(enc, v1, v2)
+    with torch.no_grad():
+        h1, h2 = enc(v1), enc(v2)
+    for i in range(6):
+        for j in range(6):
+            cos = (h1[i] @ h2[j] / (h1[i].norm() * h2[j].norm())).item()
+            assert abs(sim[i, j].item() - cos) < 1e-5
+    assert abs(acc - sum(int(sim[i].argmax() == i) for i in range(6)) / 6) < 1e-6
+    sim, acc = visualize.view_similarity(nn.Flatten(), v1, v1)  # identical views: every match is right
+    assert acc == 1.0 and torch.allclose(sim.diagonal(), torch.ones(6))
+    sim, acc = visualize.view_similarity(nn.Flatten(), v1, v1.roll(1, 0))  # shuffled pairs: none is
+    assert acc == 0.0
+    # PCA: the two leading principal directions of an exact SVD (up to sign)
+    g = torch.Generator().manual_seed(0)
+    f = torch.randn(300, 20, generator=g) * torch.linspace(5, 0.1, 20) + 3
+    xy, ratio = visualize.pca_2d(f)
+    c = (f - f.mean(0)).double().numpy()
+    u, s, vt = np.linalg.svd(c, full_matrices=False)
+    ref = c @ vt[:2].T
+    assert np.allclose(np.abs(xy.numpy()), np.abs(ref), atol=1e-3)
+    assert np.allclose(ratio.numpy(), s[:2] ** 2 / (s ** 2).sum(), atol=1e-4)
+    # filter tiles: colour for RGB weights, the Sobel layer's two channels in gray side by side
+    w = torch.randn(5, 3, 3, 3)
+    t = visualize.filter_tiles(w)
+    assert t.shape == (5, 3, 3, 3) and torch.allclose(t.amin((1, 2, 3)), torch.zeros(5))
+    assert torch.allclose(t.amax((1, 2, 3)), torch.ones(5))
+    t = visualize.filter_tiles(torch.randn(4, 2, 5, 5))
+    assert t.shape == (4, 3, 5, 11) and torch.equal(t[:, 0], t[:, 2]) and (t[..., 5] == 1).all()
+    # recipes: simclr's own function with the checkpoint's flags; the fall-back crop + flip for unknown methods
+    aug, name = visualize.augmentation("simclr", {"jitter_strength": 0.5, "crop_min_scale": 0.2})
+    assert "simclr_augment" in name and "0.5" in name
+    x = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    aug, name = visualize.augmentation("no-such-method")
+    assert name == "random resized crop + horizontal flip" and aug(x, 16).shape == (4, 3, 16, 16)
+
+
+def test_visualize_every_subcommand_writes_a_png():
+    d = tmpdir()
+    res, alex = _tiny_ckpt(d), _tiny_ckpt(d, "alexnet", "deepcluster")
+    cpu = ["--device", "cpu", "--out", d]
+    _check_png(visualize.main(["filters", "--ckpt", res] + cpu), (600, 650))  # 8 filters 3x3 in a 3x3 grid
+    _check_png(visualize.main(["filters", "--ckpt", alex] + cpu), (600, 540))  # 6 Sobel filters 5x(5+1+5)
+    _check_png(visualize.main(["filters", "--ckpt", alex, "--random-init"] + cpu), (600, 540))
+    _check_png(visualize.main(["top-images", "--ckpt", alex, "--layer", "5", "--filters", "0", "3", "--k", "4"]
+                              + cpu), (520, 240))
+    _check_png(visualize.main(["maximize", "--ckpt", res, "--layer", "2", "--filter", "0", "1", "--steps", "5"]
+                              + cpu), (340, 220))
+    _check_png(visualize.main(["views", "--ckpt", res, "--n", "4"] + cpu), (650, 340))
+    _check_png(visualize.main(["views", "--ckpt", res, "--ckpt2", alex, "--n", "4"] + cpu), (1290, 340))
+    _check_png(visualize.main(["augment", "--data", "shapes", "--shapes-n", "8", "8", "--n", "3", "--views", "2"]
+                              + cpu), (300, 320))
+    _check_png(visualize.main(["embedding", "--ckpt", res] + cpu), (600, 500))
+    run = os.path.join(d, "run")
+    os.makedirs(run)
+    with open(os.path.join(run, "metrics.jsonl"), "w") as f:
+        f.writelines(json.dumps({"epoch": e, "loss": 5 / e, "knn_top1": 10.0 * e}) + "\n" for e in range(1, 5))
+    _check_png(visualize.main(["curves", "--run", run, os.path.join(run, "metrics.jsonl")] + cpu), (800, 300))
+    paths = []
+    for i, name in enumerate(["simclr", "deepcluster"]):  # knn_eval.py's JSON
+        rows = [{"protocol": "few-shot linear probe", "labels_per_class": n, "top1": 20.0 + 5 * i + n / 10}
+                for n in (10, 50, 100, 500)] + [{"protocol": "linear probe", "top1": 70.0}]
+        paths.append(os.path.join(d, f"{name}.json"))
+        json.dump({"encoder": name, "data": "cifar10", "rows": rows}, open(paths[-1], "w"))
+    points, label = visualize.read_fewshot(paths[0])
+    assert list(points) == [10, 50, 100, 500] and points[50] == [25.0] and label == "simclr (cifar10)"
+    _check_png(visualize.main(["fewshot", "--json"] + paths + cpu), (600, 400))
+    assert sorted(f for f in os.listdir(d) if f.endswith(".png")) == [
+        "augment-simclr.png", "curves.png", "embedding.png", "fewshot.png", "filters.png", "maximize-layer2.png",
+        "top-images-layer5.png", "views.png"]
+
+
+def test_visualize_bad_input_errors():
+    d = tmpdir()
+    res = _tiny_ckpt(d)
+    cpu = ["--device", "cpu", "--out", d]
+    main = visualize.main
+    expect_exit(lambda: main(["top-images", "--ckpt", res, "--layer", "6"] + cpu), "--layer 6 is out of range", "1..5")
+    expect_exit(lambda: main(["maximize", "--ckpt", res, "--layer", "0"] + cpu), "--layer 0 is out of range")
+    expect_exit(lambda: main(["top-images", "--ckpt", res, "--layer", "1", "--filters", "0", "8"] + cpu),
+                "filter id(s) [8] out of range", "0..7")
+    expect_exit(lambda: main(["maximize", "--ckpt", res, "--layer", "5", "--filter", "-1"] + cpu), "[-1] out of range")
+    expect_exit(lambda: main(["top-images", "--ckpt", res, "--k", "0"] + cpu), "--k must be at least 1")
+    expect_exit(lambda: main(["top-images", "--ckpt", res, "--max-images", "0"] + cpu), "--max-images")
+    expect_exit(lambda: main(["views", "--ckpt", res, "--n", "1"] + cpu), "--n must be at least 2")
+    expect_exit(lambda: main(["filters", "--ckpt", os.path.join(d, "missing.pt")] + cpu), "checkpoint not found")
+    no_conv = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 4))
+    expect_exit(lambda: visualize.first_conv(no_conv), "has no conv layers")
+    expect_exit(lambda: visualize.compute_activations(no_conv, torch.zeros(2, 3, 8, 8, dtype=torch.uint8), 1),
+                "has no conv layers")
+    enc = common.build_backbone("resnet18", width=8, small_stem=True)
+    expect_exit(lambda: visualize.compute_activations(enc, torch.zeros(0, 3, 8, 8, dtype=torch.uint8), 1),
+                "empty dataset")
+    expect_exit(lambda: main(["curves", "--run", d] + cpu), "no metrics.jsonl")
+    open(os.path.join(d, "metrics.jsonl"), "w").close()
+    expect_exit(lambda: main(["curves", "--run", d] + cpu), "has no epochs")
+    json.dump({"rows": [{"protocol": "weighted kNN", "top1": 50.0}]}, open(os.path.join(d, "knn.json"), "w"))
+    expect_exit(lambda: main(["fewshot", "--json", os.path.join(d, "knn.json")] + cpu), "no few-shot rows")
+    open(os.path.join(d, "bad.json"), "w").write("{not json")
+    expect_exit(lambda: main(["fewshot", "--json", os.path.join(d, "bad.json")] + cpu), "cannot read")
+    # the command line: one error line, exit status 1
+    r = run_script("visualize.py", "maximize", "--ckpt", res, "--layer", "9", "--device", "cpu", "--out", d,
+                   env={"OMP_NUM_THREADS": "1"})
+    assert r.returncode == 1 and r.stderr.strip() == "error: --layer 9 is out of range: this ResNet has layers 1..5", r.stderr
 
 
 # ================================================================================================================
