@@ -501,7 +501,8 @@ def make_loader(split, batch_size, shuffle, drop_last=False, workers=0, seed=0, 
     if drop_last and len(batches) == 0:
         fail(f"batch size {batch_size * world} is larger than the dataset ({len(split)} images)")
     return DataLoader(split, batch_size=None, sampler=batches, num_workers=workers,
-                      pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0)
+                      pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0,
+                      generator=torch.Generator().manual_seed(seed))  # leaves the global RNG (augmentations) alone
 
 
 # ----------------------------------------------------------------------------------------------------------------
