@@ -46,8 +46,9 @@ def fail(message):
 # ----------------------------------------------------------------------------------------------------------------
 # 2. Device, precision, seeding, distributed
 # ----------------------------------------------------------------------------------------------------------------
-def add_common_args(parser, backbone="resnet18"):
-    """The flags every training script has (data, model, device, run folder). Method flags stay in each file."""
+def add_common_args(parser, backbone="resnet18", training=True):
+    """The flags every script has (data, model, device, run folder). Method flags stay in each file.
+    training=False (evaluation scripts) leaves out --compile and --resume."""
     g = parser.add_argument_group("data, model, device and run (shared by every script)")
     g.add_argument("--data", default="shapes", help=f"dataset: one of {', '.join(DATASETS)}, or a folder path "
                    "(class sub-folders, either directly or under train/ and val/ or test/)")
@@ -63,10 +64,12 @@ def add_common_args(parser, backbone="resnet18"):
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="auto: cuda, mps, cpu")
     g.add_argument("--amp", default="auto", choices=["auto", "off", "bf16", "fp16"],
                    help="mixed precision on CUDA (auto: bf16 if supported, else fp16 with a GradScaler; off elsewhere)")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    if training:
+        g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--seed", type=int, default=0, help="seed of python, numpy and torch")
     g.add_argument("--out", default=None, help="run folder (default runs/<method>-<data>-<time>)")
-    g.add_argument("--resume", default=None, help="checkpoint (last.pt) to continue from, same epoch, step and lr")
+    if training:
+        g.add_argument("--resume", default=None, help="checkpoint (last.pt) to continue from, same epoch, step and lr")
     g.add_argument("--log-every", type=int, default=20, help="print a progress line every N steps")
     return parser
 
@@ -816,7 +819,7 @@ def merge_resume_args(parser, argv, args, saved):
 def run_folder(args, method):
     if args.out:
         return args.out
-    if args.resume:
+    if getattr(args, "resume", None):
         return os.path.dirname(os.path.abspath(args.resume))
     data = os.path.basename(os.path.normpath(args.data))
     return os.path.join("runs", f"{method}-{data}-{time.strftime('%Y%m%d-%H%M%S')}")

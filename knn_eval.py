@@ -67,7 +67,7 @@ def get_args(argv=None):
     p.add_argument("--sup-batch-size", type=int, default=256, help="--supervised: batch size")
     p.add_argument("--sup-lr", type=float, default=0.1, help="--supervised: SGD learning rate (cosine decay)")
     p.add_argument("--batch-size", type=int, default=512, help="feature extraction batch size")
-    common.add_common_args(p, backbone="resnet18")
+    common.add_common_args(p, backbone="resnet18", training=False)
     p.set_defaults(data=None)  # --ckpt: the checkpoint's data; otherwise shapes
     return p, p.parse_args(argv)
 
