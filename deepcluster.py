@@ -330,7 +330,7 @@ def main(argv=None):
         common.set_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
         start_epoch, prev_assign = ckpt["epoch"], ckpt["assignments"]
         log.print(f"resumed from {args.resume} at epoch {start_epoch}, step {ckpt['step']}")
-    train_model = torch.compile(model) if args.compile else model
+    train_model = common.compile_model(model, device) if args.compile else model
     if world > 1:
         train_model = nn.parallel.DistributedDataParallel(train_model, device_ids=[device.index] if device.type == "cuda" else None)
 

@@ -267,7 +267,7 @@ def train_setting(args, shared, data, digits, memory, test, device, autocast, sc
         common.set_rng_state(ckpt["rng"][0])
         start_epoch = ckpt["epoch"]
         log_print(f"[{shared}] resumed from {ckpt_path} at epoch {start_epoch}")
-    net = torch.compile(lambda x: model["head"](model["encoder"](x))) if args.compile else (
+    net = common.compile_model(lambda x: model["head"](model["encoder"](x)), device) if args.compile else (
         lambda x: model["head"](model["encoder"](x)))
 
     # --- training loop ---

@@ -539,6 +539,23 @@ def test_simclr_torchrun_two_processes_on_cpu():
     assert len(ckpt["rng"]) == 2 and ckpt["step"] == 2  # 128 images / 64 per step
 
 
+def test_simclr_compile_matches_eager():
+    """--compile (torch.compile, inductor on the CPU) trains the same model: same losses and weights as eager mode
+    to float tolerance, and the checkpoint has plain parameter names (no `_orig_mod.` prefix), so load_encoder works."""
+    d1, d2 = tmpdir(), tmpdir()
+    base = ["--data", "shapes", "--shapes-n", "64", "32", "--width", "2", "--batch-size", "32", "--epochs", "1",
+            "--device", "cpu", "--knn-every", "1", "--log-every", "1000", "--optimizer", "sgd"]
+    simclr.main(base + ["--out", d1])
+    simclr.main(base + ["--out", d2, "--compile"])
+    m1, m2 = (json.loads(open(os.path.join(d, "metrics.jsonl")).readline()) for d in (d1, d2))
+    assert abs(m1["loss"] - m2["loss"]) < 1e-3, (m1, m2)
+    w1, w2 = (torch.load(os.path.join(d, "last.pt"), weights_only=False)["encoder"] for d in (d1, d2))
+    assert w1.keys() == w2.keys()
+    assert all(torch.allclose(w1[k].float(), w2[k].float(), atol=1e-3) for k in w1)
+    enc, _ = common.load_encoder(os.path.join(d2, "last.pt"))
+    assert isinstance(enc, common.ResNet)
+
+
 def test_simclr_resume_continues_exactly():
     """2 epochs in one go == 1 epoch, then --resume for the second (same losses, lr and weights)."""
     d1, d2 = tmpdir(), tmpdir()
@@ -581,21 +598,22 @@ def test_simclr_benchmark_reports_both_pipelines():
 
 
 def test_simclr_trains_on_shapes():
-    """End to end on the synthetic shapes, on the CPU: SimCLR optimises its objective (the NT-Xent loss falls and the
-    contrastive accuracy, the positive ranked first among 2N-1 views, rises well above its first-epoch value).
-    NOT asserted (not met at this budget, see README): a weighted-kNN top-1 above the random-init encoder's; it is
-    printed for the record."""
+    """End to end on the synthetic shapes, on the CPU (the README's quick-start command): SimCLR optimises its
+    objective (the NT-Xent loss falls, the contrastive accuracy rises) and its representation classifies shapes
+    clearly better than a random-init encoder of the same architecture: weighted-kNN top-1 at least 8 points above
+    (measured: 61.8% vs 46.8% with one thread)."""
     d = tmpdir()
-    s = simclr.main(["--data", "shapes", "--shapes-n", "2000", "500", "--width", "8", "--epochs", "6",
+    s = simclr.main(["--data", "shapes", "--shapes-n", "2000", "500", "--width", "8", "--epochs", "8",
                      "--batch-size", "64", "--optimizer", "adamw", "--lr", "4e-3", "--weight-decay", "1e-4",
-                     "--warmup-epochs", "1", "--crop-min-scale", "0.2", "--knn-every", "6", "--device", "cpu",
+                     "--warmup-epochs", "1", "--crop-min-scale", "0.2", "--knn-every", "8", "--device", "cpu",
                      "--out", d, "--log-every", "1000"])
     base = random_init_knn(common.load_dataset("shapes", shapes_n=(2000, 500)), width=8, small_stem=True)
     rows = [json.loads(x) for x in open(os.path.join(d, "metrics.jsonl"))]
     print(f"    loss {rows[0]['loss']:.3f} -> {rows[-1]['loss']:.3f}, contrastive acc {rows[0]['contrastive_acc']:.4f} -> "
-          f"{rows[-1]['contrastive_acc']:.4f}; kNN {s['knn_top1']:.1f}% vs random init {base:.1f}% (not asserted)")
-    assert rows[-1]["loss"] < rows[0]["loss"] - 0.08, rows
-    assert rows[-1]["contrastive_acc"] > 1.5 * rows[0]["contrastive_acc"], rows
+          f"{rows[-1]['contrastive_acc']:.4f}; kNN {s['knn_top1']:.1f}% vs random init {base:.1f}%")
+    assert rows[-1]["loss"] < rows[0]["loss"] - 0.2, rows
+    assert rows[-1]["contrastive_acc"] > 2 * rows[0]["contrastive_acc"], rows
+    assert s["knn_top1"] > base + 8, (s["knn_top1"], base)
     assert json.load(open(os.path.join(d, "summary.json")))["knn_top1"] == s["knn_top1"]
 
 
@@ -961,25 +979,48 @@ def test_deepcluster_resume_continues_exactly():
     assert isinstance(enc, common.AlexNet) and enc.sobel is not None and ckpt["k"] == 6
 
 
+def test_deepcluster_torchrun_two_processes_on_cpu():
+    """torchrun with 2 gloo processes: each rank extracts features for its shard, the all-gathered features are
+    clustered once, and the first epoch's clustering equals the one-process run's (same initial weights, same
+    features, same k-means seed); then both ranks train on their halves of the pseudo-labelled batches."""
+    d1, d2 = tmpdir(), tmpdir()
+    base = ["--data", "shapes", "--shapes-n", "130", "40", "--epochs", "1", "--width", "4", "--batch-size", "32",
+            "--k", "6", "--pca-dim", "16", "--feature-batch-size", "16", "--device", "cpu", "--log-every", "1000"]
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port",
+                        str(free_port()), "deepcluster.py"] + base + ["--out", d2],
+                       cwd=HERE, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "2 process(es)" in r.stdout
+    s2 = json.load(open(os.path.join(d2, "summary.json")))
+    s1 = deepcluster.main(base + ["--out", d1])
+    assert s2["world_size"] == 2 and s1["world_size"] == 1 and s2["knn_top1"] is not None
+    c1, c2 = (torch.load(os.path.join(d, "last.pt"), weights_only=False) for d in (d1, d2))
+    assert len(c2["assignments"]) == 130  # every image once, although 130 is not a multiple of 2 x 16
+    assert torch.equal(c1["assignments"], c2["assignments"])
+    assert abs(s1["nmi_labels"] - s2["nmi_labels"]) < 1e-9
+    assert len(c2["rng"]) == 2 and c2["step"] == 4  # 130 images // 32 per step
+
+
 def test_deepcluster_learns_its_task_on_shapes():
     """End to end on the synthetic shapes, on the CPU: the network learns to predict its own clusters (pseudo-label
-    accuracy well above chance 1/k), the clusters stabilise across epochs (NMI(t-1, t)), and none is empty.
-    Small-budget settings: a small PCA (fc7 has only 512 dimensions at width 8) and 3 x N images per clustering.
-    NOT asserted (not met at this budget, see README): a weighted-kNN top-1 above the random-init AlexNet's; it is
-    printed for the record."""
+    accuracy well above chance 1/k), the clusters stabilise across epochs (NMI(t-1, t) rises), none is empty, and the
+    representation classifies shapes clearly better than the random-init Sobel AlexNet of the same width: weighted-kNN
+    top-1 at least 7 points above (measured: 67.7% vs 53.3% with one thread).
+    Small-budget settings: a small PCA (fc7 has only 512 dimensions at width 8) and 3 x N images per clustering."""
     d = tmpdir()
-    s = deepcluster.main(["--data", "shapes", "--shapes-n", "1000", "300", "--width", "8", "--epochs", "3",
-                          "--batch-size", "32", "--k", "20", "--lr", "0.1", "--pca-dim", "32",
-                          "--samples-per-epoch", "3000", "--crop-min-scale", "0.3", "--knn-every", "3",
-                          "--device", "cpu", "--out", d, "--log-every", "1000"])
+    s = deepcluster.main(["--data", "shapes", "--shapes-n", "1000", "300", "--width", "8", "--epochs", "6",
+                          "--batch-size", "32", "--k", "20", "--pca-dim", "32", "--samples-per-epoch", "3000",
+                          "--crop-min-scale", "0.3", "--knn-every", "6", "--device", "cpu", "--out", d,
+                          "--log-every", "1000"])
     data = common.load_dataset("shapes", shapes_n=(1000, 300))
     base = random_init_knn(data, backbone="alexnet", width=8, sobel=True, small=True)
     rows = [json.loads(x) for x in open(os.path.join(d, "metrics.jsonl"))]
     print(f"    pseudo-label acc {[round(r['pseudo_label_acc'], 3) for r in rows]}, NMI(t-1,t) "
-          f"{[r['nmi_prev'] for r in rows]}; kNN {s['knn_top1']:.1f}% vs random init {base:.1f}% (not asserted)")
+          f"{[round(r['nmi_prev'], 3) for r in rows[1:]]}; kNN {s['knn_top1']:.1f}% vs random init {base:.1f}%")
     assert all(r["min_cluster"] >= 1 for r in rows)
-    assert rows[-1]["pseudo_label_acc"] > 2 / 20, rows[-1]
-    assert rows[-1]["nmi_prev"] > 0.2, rows[-1]
+    assert rows[-1]["pseudo_label_acc"] > 4 / 20, rows[-1]
+    assert rows[-1]["nmi_prev"] > rows[1]["nmi_prev"], rows
+    assert s["knn_top1"] > base + 7, (s["knn_top1"], base)
 
 
 # ================================================================================================================
