@@ -510,6 +510,8 @@ def main(argv=None):
                                           steps, args.seed)
             rows.append({"protocol": "layer linear probe", "setting": f"conv{l + 1}, {layers.sizes[l]}-d pooled "
                          f"(chance {chance:.1f})", "top1": top1, "top5": top5, "l2": l2})
+            print(f"layer probe conv{l + 1}: top-1 {top1:.2f} ({time.time() - t0:.0f}s; conv{l + 2 if l < 4 else '1-5 MLP'} "
+                  f"next)", flush=True)
         top1, top5 = fit_mlp_probe(tr_parts[5], train_y, te_parts[5], test_y, C, args.mlp_hidden, args.mlp_epochs,
                                    args.seed)
         rows.append({"protocol": "MLP probe", "setting": f"frozen conv1-5, {layers.sizes[5]}-d (chance {chance:.1f})",

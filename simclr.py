@@ -5,7 +5,7 @@ Two random augmentations of each image go through an encoder f (a ResNet) and a 
 the NT-Xent loss pulls the two views of an image together and pushes them away from the other 2N-2 views in the
 batch. The representation h = f(x) is kept; g is thrown away after training.
 
-    python simclr.py --data shapes --shapes-n 2000 500 --width 8 --epochs 6 --batch-size 64 --optimizer adamw \
+    python simclr.py --data shapes --shapes-n 2000 500 --width 8 --epochs 8 --batch-size 64 --optimizer adamw \
         --lr 4e-3 --weight-decay 1e-4 --warmup-epochs 1 --crop-min-scale 0.2 --device cpu   # offline, ~2 min on CPU
     python simclr.py --data cifar10 --epochs 100 --width 32                                   # small images, GPU
     python simclr.py --data imagenette --epochs 100                                           # 128 px Imagenette
