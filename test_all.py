@@ -1001,6 +1001,22 @@ def test_deepcluster_torchrun_two_processes_on_cpu():
     assert len(c2["rng"]) == 2 and c2["step"] == 4  # 130 images // 32 per step
 
 
+def test_deepcluster_resnet_backbone_and_no_sobel():
+    """The other backbones: a ResNet-18 (its pooled features are clustered and trained on) and the AlexNet without
+    its Sobel layer (RGB input); each run finishes and its checkpoint rebuilds the right encoder."""
+    base = ["--data", "shapes", "--shapes-n", "64", "32", "--epochs", "1", "--batch-size", "32", "--k", "4",
+            "--pca-dim", "8", "--device", "cpu", "--log-every", "1000", "--width", "4"]
+    for extra, check in [(["--backbone", "resnet18"], lambda e: isinstance(e, common.ResNet) and e.feature_dim == 32),
+                         (["--no-sobel"], lambda e: isinstance(e, common.AlexNet) and e.sobel is None)]:
+        d = tmpdir()
+        s = deepcluster.main(base + extra + ["--out", d])
+        enc, ckpt = common.load_encoder(os.path.join(d, "last.pt"))
+        assert check(enc), extra
+        assert s["knn_top1"] is not None and len(ckpt["assignments"]) == 64
+        x = common.normalize(common.to_float(common.make_shapes(2, 32).images))
+        assert enc.eval()(x).shape == (2, enc.feature_dim)
+
+
 def test_deepcluster_learns_its_task_on_shapes():
     """End to end on the synthetic shapes, on the CPU: the network learns to predict its own clusters (pseudo-label
     accuracy well above chance 1/k), the clusters stabilise across epochs (NMI(t-1, t) rises), none is empty, and the
