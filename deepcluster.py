@@ -7,7 +7,8 @@ layer on top of the network is trained, together with the network, to predict ea
 pseudo-label) from an augmented view, with images drawn uniformly over the clusters. The k-means here is written
 in torch (no faiss), runs on the training device in chunks and never leaves a cluster empty.
 
-    python deepcluster.py --data shapes --shapes-n 2000 500 --width 16 --epochs 8 --device cpu  # offline, CPU, minutes
+    python deepcluster.py --data shapes --shapes-n 1000 300 --width 8 --epochs 6 --batch-size 32 --k 20 \
+        --pca-dim 32 --samples-per-epoch 3000 --crop-min-scale 0.3 --device cpu      # offline, ~1 min on CPU
     python deepcluster.py --data cifar10 --width 32 --epochs 100                                # small AlexNet, GPU
     python deepcluster.py --data imagenette --epochs 200 --k 1000                               # 128 px Imagenette
     torchrun --nproc_per_node=4 deepcluster.py --data imagenette --epochs 200                   # 4 GPUs
