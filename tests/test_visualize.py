@@ -1,0 +1,214 @@
+"""visualize.py: activations, maximisation, views, every subcommand, bad input."""
+import hashlib
+import json
+import math
+import os
+import pickle
+import socket
+import struct
+import subprocess
+import sys
+import tarfile
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+
+from util import HERE, expect_exit, free_port, random_init_knn, run_script, tmpdir
+import common
+import deepcluster
+import imagenet_mnist as im
+import knn_eval
+import simclr
+import visualize
+
+
+# visualize.py
+# ================================================================================================================
+# ================================================================================================================
+# visualize.py
+# ================================================================================================================
+def _tiny_ckpt(d, name="resnet18", method="simclr", **kw):
+    """A checkpoint of a random-init network (what load_encoder reads), on the tiny shapes dataset."""
+    torch.manual_seed(0)
+    kw = kw or ({"width": 8, "small_stem": True} if name == "resnet18" else {"width": 4, "sobel": True, "small": True})
+    enc = common.build_backbone(name, **kw)
+    path = os.path.join(d, f"{method}-{name}.pt")
+    common.save_checkpoint(path, method=method, args={"data": "shapes", "shapes_n": [24, 16], "seed": 0,
+                                                      "crop_min_scale": 0.2, "jitter_strength": 0.5},
+                           epoch=1, step=1, backbone={"name": name, "kwargs": kw}, encoder=enc.state_dict(),
+                           rng=common.all_rng_states(), img_size=32, data="shapes")
+    return path
+
+
+def _stages_reference(enc, x):
+    """Layers 1..5 by hand: AlexNet conv_features, ResNet stem ReLU then layer1..layer4."""
+    if isinstance(enc, common.AlexNet):
+        return enc.conv_features(x)
+    h = enc.relu(enc.bn1(enc.conv1(x)))
+    outs = [h]
+    h = enc.maxpool(h)
+    for layer in (enc.layer1, enc.layer2, enc.layer3, enc.layer4):
+        h = layer(h)
+        outs.append(h)
+    return outs
+
+
+def _check_png(path, size):
+    im = Image.open(path)
+    im.load()
+    assert abs(im.size[0] - size[0]) <= 1 and abs(im.size[1] - size[1]) <= 1, (path, im.size, size)
+    gray = np.asarray(im.convert("L"), dtype=np.float32)
+    assert gray.std() > 5 and (gray < 128).mean() > 0.01, path  # not blank
+
+
+def test_visualize_activations_and_top_k_match_direct_computation():
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (13, 3, 32, 32), dtype=torch.uint8)
+    x = common.normalize(common.to_float(images))
+    for name, kw in [("resnet18", {"width": 8, "small_stem": True}), ("alexnet", {"width": 4, "small": True}),
+                     ("alexnet", {"width": 4, "small": True, "sobel": False})]:
+        enc = common.build_backbone(name, **kw).eval()
+        with torch.no_grad():
+            ref = [o.mean((2, 3)) for o in _stages_reference(enc, x)]
+        for layer in range(1, 6):  # batches of 5: the last one is partial
+            got = visualize.compute_activations(enc, images, layer, batch_size=5, log=lambda *a: None)
+            assert got.shape == ref[layer - 1].shape and torch.allclose(got, ref[layer - 1], atol=1e-5), (name, layer)
+            assert (got >= 0).all()
+    # top-k: a plain sort of each filter's column
+    acts = torch.rand(40, 7, generator=torch.Generator().manual_seed(1))
+    vals, idx = visualize.top_k_images(acts, [3, 0, 6], 5)
+    for row, f in enumerate([3, 0, 6]):
+        order = sorted(range(40), key=lambda i: -acts[i, f].item())[:5]
+        assert idx[row].tolist() == order and torch.equal(vals[row], acts[order, f])
+    assert visualize.top_k_images(acts, [1], 100)[1].shape == (1, 40)  # k is capped at the number of images
+    # a generic network: each trainable conv is a layer, seen through a ReLU
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Tanh(), nn.Conv2d(4, 2, 3), nn.Flatten())
+    got = visualize.compute_activations(net, images, 2, log=lambda *a: None)
+    with torch.no_grad():
+        assert torch.allclose(got, torch.relu(net[2](net[1](net[0](x)))).mean((2, 3)), atol=1e-6)
+
+
+def test_visualize_maximize_increases_activation():
+    for name, kw, layer in [("resnet18", {"width": 8, "small_stem": True}, 3), ("alexnet", {"width": 4, "small": True}, 2)]:
+        torch.manual_seed(0)
+        enc = common.build_backbone(name, **kw).eval()
+        img, hist = visualize.maximize_activation(enc, layer, 1, 32, steps=15, lr=0.1, blur_every=4)
+        assert len(hist) == 16 and img.shape == (3, 32, 32) and 0 <= img.min() and img.max() <= 1
+        assert hist[-1] > 2 * hist[0] + 1e-3, (name, hist[0], hist[-1])
+        # what it reports is the filter's activation on the returned image (after re-normalisation)
+        with torch.no_grad():
+            a = visualize.layer_output(enc, common.normalize(img[None]), layer)[0, 1].mean().item()
+        assert abs(a - hist[-1]) < 1e-3 * max(1, abs(a)), (a, hist[-1])
+
+
+def test_visualize_view_similarity_pca_and_filter_tiles():
+    torch.manual_seed(0)
+    enc = common.build_backbone("resnet18", width=8, small_stem=True).eval()
+    v1, v2 = torch.randn(6, 3, 32, 32), torch.randn(6, 3, 32, 32)
+    sim, acc = visualize.view_similarity(enc, v1, v2)
+    with torch.no_grad():
+        h1, h2 = enc(v1), enc(v2)
+    for i in range(6):
+        for j in range(6):
+            cos = (h1[i] @ h2[j] / (h1[i].norm() * h2[j].norm())).item()
+            assert abs(sim[i, j].item() - cos) < 1e-5
+    assert abs(acc - sum(int(sim[i].argmax() == i) for i in range(6)) / 6) < 1e-6
+    sim, acc = visualize.view_similarity(nn.Flatten(), v1, v1)  # identical views: every match is right
+    assert acc == 1.0 and torch.allclose(sim.diagonal(), torch.ones(6))
+    sim, acc = visualize.view_similarity(nn.Flatten(), v1, v1.roll(1, 0))  # shuffled pairs: none is
+    assert acc == 0.0
+    # PCA: the two leading principal directions of an exact SVD (up to sign)
+    g = torch.Generator().manual_seed(0)
+    f = torch.randn(300, 20, generator=g) * torch.linspace(5, 0.1, 20) + 3
+    xy, ratio = visualize.pca_2d(f)
+    c = (f - f.mean(0)).double().numpy()
+    u, s, vt = np.linalg.svd(c, full_matrices=False)
+    ref = c @ vt[:2].T
+    assert np.allclose(np.abs(xy.numpy()), np.abs(ref), atol=1e-3)
+    assert np.allclose(ratio.numpy(), s[:2] ** 2 / (s ** 2).sum(), atol=1e-4)
+    # filter tiles: colour for RGB weights, the Sobel layer's two channels in gray side by side
+    w = torch.randn(5, 3, 3, 3)
+    t = visualize.filter_tiles(w)
+    assert t.shape == (5, 3, 3, 3) and torch.allclose(t.amin((1, 2, 3)), torch.zeros(5))
+    assert torch.allclose(t.amax((1, 2, 3)), torch.ones(5))
+    t = visualize.filter_tiles(torch.randn(4, 2, 5, 5))
+    assert t.shape == (4, 3, 5, 11) and torch.equal(t[:, 0], t[:, 2]) and (t[..., 5] == 1).all()
+    # recipes: simclr's own function with the checkpoint's flags; the fall-back crop + flip for unknown methods
+    aug, name = visualize.augmentation("simclr", {"jitter_strength": 0.5, "crop_min_scale": 0.2})
+    assert "simclr_augment" in name and "0.5" in name
+    x = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    aug, name = visualize.augmentation("no-such-method")
+    assert name == "random resized crop + horizontal flip" and aug(x, 16).shape == (4, 3, 16, 16)
+
+
+def test_visualize_every_subcommand_writes_a_png():
+    d = tmpdir()
+    res, alex = _tiny_ckpt(d), _tiny_ckpt(d, "alexnet", "deepcluster")
+    cpu = ["--device", "cpu", "--out", d]
+    _check_png(visualize.main(["filters", "--ckpt", res] + cpu), (600, 650))  # 8 filters 3x3 in a 3x3 grid
+    _check_png(visualize.main(["filters", "--ckpt", alex] + cpu), (600, 540))  # 6 Sobel filters 5x(5+1+5)
+    _check_png(visualize.main(["filters", "--ckpt", alex, "--random-init"] + cpu), (600, 540))
+    _check_png(visualize.main(["top-images", "--ckpt", alex, "--layer", "5", "--filters", "0", "3", "--k", "4"]
+                              + cpu), (520, 240))
+    _check_png(visualize.main(["maximize", "--ckpt", res, "--layer", "2", "--filter", "0", "1", "--steps", "5"]
+                              + cpu), (340, 220))
+    _check_png(visualize.main(["views", "--ckpt", res, "--n", "4"] + cpu), (650, 340))
+    _check_png(visualize.main(["views", "--ckpt", res, "--ckpt2", alex, "--n", "4"] + cpu), (1290, 340))
+    _check_png(visualize.main(["augment", "--data", "shapes", "--shapes-n", "8", "8", "--n", "3", "--views", "2"]
+                              + cpu), (300, 320))
+    _check_png(visualize.main(["embedding", "--ckpt", res] + cpu), (600, 500))
+    run = os.path.join(d, "run")
+    os.makedirs(run)
+    with open(os.path.join(run, "metrics.jsonl"), "w") as f:
+        f.writelines(json.dumps({"epoch": e, "loss": 5 / e, "knn_top1": 10.0 * e}) + "\n" for e in range(1, 5))
+    _check_png(visualize.main(["curves", "--run", run, os.path.join(run, "metrics.jsonl")] + cpu), (800, 300))
+    paths = []
+    for i, name in enumerate(["simclr", "deepcluster"]):  # knn_eval.py's JSON
+        rows = [{"protocol": "few-shot linear probe", "labels_per_class": n, "top1": 20.0 + 5 * i + n / 10}
+                for n in (10, 50, 100, 500)] + [{"protocol": "linear probe", "top1": 70.0}]
+        paths.append(os.path.join(d, f"{name}.json"))
+        json.dump({"encoder": name, "data": "cifar10", "rows": rows}, open(paths[-1], "w"))
+    points, label = visualize.read_fewshot(paths[0])
+    assert list(points) == [10, 50, 100, 500] and points[50] == [25.0] and label == "simclr (cifar10)"
+    _check_png(visualize.main(["fewshot", "--json"] + paths + cpu), (600, 400))
+    assert sorted(f for f in os.listdir(d) if f.endswith(".png")) == [
+        "augment-simclr.png", "curves.png", "embedding.png", "fewshot.png", "filters.png", "maximize-layer2.png",
+        "top-images-layer5.png", "views.png"]
+
+
+def test_visualize_bad_input_errors():
+    d = tmpdir()
+    res = _tiny_ckpt(d)
+    cpu = ["--device", "cpu", "--out", d]
+    main = visualize.main
+    expect_exit(lambda: main(["top-images", "--ckpt", res, "--layer", "6"] + cpu), "--layer 6 is out of range", "1..5")
+    expect_exit(lambda: main(["maximize", "--ckpt", res, "--layer", "0"] + cpu), "--layer 0 is out of range")
+    expect_exit(lambda: main(["top-images", "--ckpt", res, "--layer", "1", "--filters", "0", "8"] + cpu),
+                "filter id(s) [8] out of range", "0..7")
+    expect_exit(lambda: main(["maximize", "--ckpt", res, "--layer", "5", "--filter", "-1"] + cpu), "[-1] out of range")
+    expect_exit(lambda: main(["top-images", "--ckpt", res, "--k", "0"] + cpu), "--k must be at least 1")
+    expect_exit(lambda: main(["top-images", "--ckpt", res, "--max-images", "0"] + cpu), "--max-images")
+    expect_exit(lambda: main(["views", "--ckpt", res, "--n", "1"] + cpu), "--n must be at least 2")
+    expect_exit(lambda: main(["filters", "--ckpt", os.path.join(d, "missing.pt")] + cpu), "checkpoint not found")
+    no_conv = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 4))
+    expect_exit(lambda: visualize.first_conv(no_conv), "has no conv layers")
+    expect_exit(lambda: visualize.compute_activations(no_conv, torch.zeros(2, 3, 8, 8, dtype=torch.uint8), 1),
+                "has no conv layers")
+    enc = common.build_backbone("resnet18", width=8, small_stem=True)
+    expect_exit(lambda: visualize.compute_activations(enc, torch.zeros(0, 3, 8, 8, dtype=torch.uint8), 1),
+                "empty dataset")
+    expect_exit(lambda: main(["curves", "--run", d] + cpu), "no metrics.jsonl")
+    open(os.path.join(d, "metrics.jsonl"), "w").close()
+    expect_exit(lambda: main(["curves", "--run", d] + cpu), "has no epochs")
+    json.dump({"rows": [{"protocol": "weighted kNN", "top1": 50.0}]}, open(os.path.join(d, "knn.json"), "w"))
+    expect_exit(lambda: main(["fewshot", "--json", os.path.join(d, "knn.json")] + cpu), "no few-shot rows")
+    open(os.path.join(d, "bad.json"), "w").write("{not json")
+    expect_exit(lambda: main(["fewshot", "--json", os.path.join(d, "bad.json")] + cpu), "cannot read")
+    # the command line: one error line, exit status 1
+    r = run_script("visualize.py", "maximize", "--ckpt", res, "--layer", "9", "--device", "cpu", "--out", d,
+                   env={"OMP_NUM_THREADS": "1"})
+    assert r.returncode == 1 and r.stderr.strip() == "error: --layer 9 is out of range: this ResNet has layers 1..5", r.stderr
