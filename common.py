@@ -14,6 +14,7 @@ Sections, in order:
 import argparse
 import glob
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -53,17 +54,24 @@ def add_common_args(parser, backbone="resnet18", training=True):
     g.add_argument("--data", default="shapes", help=f"dataset: one of {', '.join(DATASETS)}, or a folder path "
                    "(class sub-folders, either directly or under train/ and val/ or test/)")
     g.add_argument("--data-dir", default="./data", help="where datasets are downloaded and decoded caches kept")
-    g.add_argument("--img-size", type=int, default=None, help="training resolution in px (default: the dataset's)")
+    g.add_argument("--img-size", type=int, default=None, help=f"{'training' if training else 'evaluation'} "
+                   "resolution in px (default: the dataset's)")
     g.add_argument("--imagenette-size", default="160px", choices=list(IMAGENETTE), help="which Imagenette archive")
     g.add_argument("--shapes-n", type=int, nargs=2, default=[5000, 1000], metavar=("TRAIN", "TEST"),
                    help="number of training and test images of the synthetic `shapes` dataset")
     g.add_argument("--backbone", default=backbone, choices=list(BACKBONES), help="encoder architecture")
     g.add_argument("--width", type=int, default=64, help="base width (64 = the standard network; 16 or 32 for CPU)")
     g.add_argument("--no-sobel", action="store_true", help="AlexNet only: no fixed Sobel input layer (RGB input)")
-    g.add_argument("--workers", type=int, default=4, help="DataLoader worker processes for large images and decoding")
+    g.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+                   help="DataLoader worker processes for large images and decoding (default: min(4, CPU count))")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="auto: cuda, mps, cpu")
     g.add_argument("--amp", default="auto", choices=["auto", "off", "bf16", "fp16"],
-                   help="mixed precision on CUDA (auto: bf16 if supported, else fp16 with a GradScaler; off elsewhere)")
+                   help="mixed precision of the forward pass (losses stay fp32). auto: on CUDA bf16 if supported, else "
+                        "fp16 with a GradScaler; on a CPU bf16 if it computes bf16 natively (AVX-512 BF16, AMX or "
+                        "Arm BF16), else off; off on MPS")
+    g.add_argument("--channels-last", default="auto", choices=["auto", "on", "off"],
+                   help="NHWC memory format for convolutions. auto: on for CUDA and for CPUs with AVX-512; off on "
+                        "AVX2-only CPUs, where oneDNN crashed with it (see docs/simclr.md)")
     if training:
         g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--seed", type=int, default=0, help="seed of python, numpy and torch")
@@ -92,30 +100,50 @@ def get_device(name="auto"):
     return torch.device(name)
 
 
+def cpu_has_native_bf16():
+    """True where the CPU computes bf16 in hardware (x86 AVX-512 BF16 or AMX, Arm BF16): there bf16 autocast is
+    ~2x faster than fp32; elsewhere bf16 is emulated and slower than fp32."""
+    caps = torch.cpu.get_capabilities()
+    return bool(caps.get("avx512_bf16") or caps.get("amx_bf16") or caps.get("bf16"))
+
+
 def setup_amp(amp, device):
-    """Returns (autocast, scaler): `with autocast(): ...` for the forward pass, scaler for fp16 loss scaling."""
+    """Returns (autocast, scaler): `with autocast(): ...` around the forward pass, `scaler` for fp16 loss scaling.
+    `autocast.dtype` is the chosen dtype (None = fp32)."""
     if amp == "auto":
-        amp = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if device.type == "cuda" else "off"
-    if amp != "off" and device.type != "cuda":
-        fail(f"--amp {amp} needs a CUDA device (this run is on {device.type}); use --amp off or auto")
+        if device.type == "cuda":
+            amp = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        else:
+            amp = "bf16" if device.type == "cpu" and cpu_has_native_bf16() else "off"
+    if amp == "fp16" and device.type != "cuda":
+        fail(f"--amp fp16 needs a CUDA device (this run is on {device.type}); use --amp bf16, off or auto")
+    if amp == "bf16" and device.type not in ("cuda", "cpu"):
+        fail(f"--amp bf16 needs a CUDA device or a CPU (this run is on {device.type}); use --amp off or auto")
     dtype = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
-    scaler = torch.amp.GradScaler(device.type, enabled=(amp == "fp16"))
+    scaler = torch.amp.GradScaler(device.type if device.type == "cuda" else "cpu", enabled=(amp == "fp16"))
 
     def autocast():
         return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+    autocast.dtype = dtype
     return autocast, scaler
 
 
-def memory_format(device):
-    """channels_last (NHWC) on CUDA, where convolutions are faster with it. Not on the CPU: with torch 2.14's
-    oneDNN, channels_last training of narrow ResNets (width 2-16) crashed (double free) or hung on our 2-core CPU."""
-    return torch.channels_last if device.type == "cuda" else torch.contiguous_format
+def memory_format(device, channels_last="auto"):
+    """The memory format of the model and its inputs (--channels-last). auto: channels_last (NHWC) on CUDA and on
+    CPUs with AVX-512, where it is faster (1.4x fp32, 1.1x bf16 at width 16 on a Zen 5); plain NCHW elsewhere:
+    on an AVX2-only Zen 3, torch 2.14.1's oneDNN crashed (double free / segfault) training a width-4 ResNet-18 in
+    channels_last at fp32, and hung with 2 threads. `on` forces it (at your own risk on such CPUs)."""
+    if channels_last == "auto":
+        use = device.type == "cuda" or (device.type == "cpu" and bool(torch.cpu.get_capabilities().get("avx512_f")))
+    else:
+        use = channels_last == "on"
+    return torch.channels_last if use else torch.contiguous_format
 
 
 def compile_model(model, device):
-    """torch.compile (--compile). Off CUDA, inductor's layout optimisation is turned off: it converts convolutions to
-    channels_last, which hits the same oneDNN crash as above (a `double free` on the first backward, measured)."""
-    if device.type != "cuda":
+    """torch.compile (--compile). On CPUs without AVX-512, inductor's layout optimisation is turned off: it converts
+    convolutions to channels_last, which hits the oneDNN crash of memory_format() (a `double free`, measured)."""
+    if memory_format(device) != torch.channels_last:
         import torch._inductor.config as inductor_config
         inductor_config.layout_optimization = False
     return torch.compile(model)
@@ -504,16 +532,18 @@ def _draw_shape(d, shape, cx, cy, r, rot):
 
 def make_loader(split, batch_size, shuffle, drop_last=False, workers=0, seed=0, rank=0, world=1):
     """Batches of (uint8 images, labels) from a Split. Each rank gets its own shard (DistributedSampler, also used
-    for one process); call `loader.sampler.sampler.set_epoch(epoch)` for a new, reproducible order.
+    for one process); call `loader.set_epoch(epoch)` for a new, reproducible order.
     In-memory small images need no workers; memory-mapped large images are read by `workers` processes."""
     workers = 0 if split.images.shape[-1] <= SMALL else workers
     sampler = DistributedSampler(split, num_replicas=world, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last)
     batches = BatchSampler(sampler, batch_size, drop_last)
     if drop_last and len(batches) == 0:
         fail(f"batch size {batch_size * world} is larger than the dataset ({len(split)} images)")
-    return DataLoader(split, batch_size=None, sampler=batches, num_workers=workers,
-                      pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0,
-                      generator=torch.Generator().manual_seed(seed))  # leaves the global RNG (augmentations) alone
+    loader = DataLoader(split, batch_size=None, sampler=batches, num_workers=workers,
+                        pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0,
+                        generator=torch.Generator().manual_seed(seed))  # leaves the global RNG (augmentations) alone
+    loader.set_epoch = sampler.set_epoch  # `loader.set_epoch(epoch)`: this epoch's shuffled order
+    return loader
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -552,11 +582,21 @@ def random_resized_crop(x, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
     w, h = torch.where(none, torch.full_like(w, W), w), torch.where(none, torch.full_like(h, H), h)
     x0 = (torch.rand(N, device=dev) * (W - w + 1)).floor()
     y0 = (torch.rand(N, device=dev) * (H - h + 1)).floor()
-    # the crop as an affine map of normalised coordinates [-1, 1] (align_corners=False)
-    theta = torch.zeros(N, 2, 3, device=dev)
-    theta[:, 0, 0], theta[:, 1, 1] = w / W, h / H
-    theta[:, 0, 2], theta[:, 1, 2] = (2 * x0 + w) / W - 1, (2 * y0 + h) / H - 1
-    grid = F.affine_grid(theta, (N, x.shape[1], size, size), align_corners=False)
+    return resized_crop(x, torch.stack([x0, y0, w, h], 1), size)
+
+
+def resized_crop(x, boxes, size):
+    """Crop boxes (N, 4) = (left, top, width, height) in pixels, one per image, and resize each to size x size with
+    bilinear interpolation, in one grid_sample. Samples are clamped to the crop's own border pixels, as
+    torchvision's resized_crop (crop, then resize) does; without antialiasing (see docs/simclr.md)."""
+    N, C, H, W = x.shape
+    x0, y0, w, h = boxes.to(x.dtype).unbind(1)
+    # output pixel centre j (0..size-1) samples input pixel x0 + (j + 0.5) * w / size - 0.5, clamped to the crop
+    j = (torch.arange(size, device=x.device, dtype=x.dtype) + 0.5) / size  # (size,)
+    px = (x0[:, None] + j * w[:, None] - 0.5).clamp(min=x0[:, None]).minimum(x0[:, None] + w[:, None] - 1)
+    py = (y0[:, None] + j * h[:, None] - 0.5).clamp(min=y0[:, None]).minimum(y0[:, None] + h[:, None] - 1)
+    gx, gy = (2 * px + 1) / W - 1, (2 * py + 1) / H - 1  # pixel -> normalised coordinates (align_corners=False)
+    grid = torch.stack([gx[:, None, :].expand(N, size, size), gy[:, :, None].expand(N, size, size)], -1)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
@@ -591,28 +631,44 @@ def _hsv_to_rgb(h, s, v):
     return v[:, None] - (v * s)[:, None] * k.clamp(max=1).minimum(4 - k).clamp(min=0)
 
 
+JITTER_ORDERS = list(itertools.permutations(range(4)))  # brightness 0, contrast 1, saturation 2, hue 3
+
+
 def color_jitter(x, brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1, p=0.8):
     """Per image, with probability p: brightness, contrast, saturation and hue factors drawn independently
-    (uniform in [1-b, 1+b], ..., hue shift in [-hue, hue]), applied in a random order (one order per batch)."""
+    (uniform in [1-b, 1+b], ..., hue shift in [-hue, hue]) and applied in a random order drawn per image, as
+    torchvision's ColorJitter. Vectorised: the images are grouped by their order (24 orders)."""
     N, dev = x.shape[0], x.device
 
     def factor(s):
         return torch.empty(N, 1, 1, 1, device=dev).uniform_(max(0.0, 1 - s), 1 + s)
-    y = x
-    for op in torch.randperm(4).tolist():
-        if op == 0 and brightness > 0:
-            y = (y * factor(brightness)).clamp(0, 1)
-        elif op == 1 and contrast > 0:
-            mean = _gray(y).mean((1, 2, 3), keepdim=True)
-            y = (mean + factor(contrast) * (y - mean)).clamp(0, 1)
-        elif op == 2 and saturation > 0:
-            g = _gray(y)
-            y = (g + factor(saturation) * (y - g)).clamp(0, 1)
-        elif op == 3 and hue > 0:
-            h, s, v = _rgb_to_hsv(y)
-            h = (h + torch.empty(N, 1, 1, device=dev).uniform_(-hue, hue)) % 1.0
-            y = _hsv_to_rgb(h, s, v).clamp(0, 1)
+    factors = [factor(brightness), factor(contrast), factor(saturation),
+               torch.empty(N, 1, 1, device=dev).uniform_(-hue, hue)]
+    order = torch.randint(len(JITTER_ORDERS), (N,), device=dev)
+    y = x.clone()
+    for o in order.unique().tolist():
+        idx = (order == o).nonzero()[:, 0]
+        y[idx] = _jitter_in_order(x[idx], [f[idx] for f in factors], JITTER_ORDERS[o],
+                                  (brightness > 0, contrast > 0, saturation > 0, hue > 0))
     return torch.where(_coin(x, p), y, x)
+
+
+def _jitter_in_order(y, factors, order, enabled):
+    for op in order:
+        if not enabled[op]:
+            continue
+        if op == 0:
+            y = (y * factors[0]).clamp(0, 1)
+        elif op == 1:
+            mean = _gray(y).mean((1, 2, 3), keepdim=True)
+            y = (mean + factors[1] * (y - mean)).clamp(0, 1)
+        elif op == 2:
+            gray = _gray(y)
+            y = (gray + factors[2] * (y - gray)).clamp(0, 1)
+        else:
+            h, s, v = _rgb_to_hsv(y)
+            y = _hsv_to_rgb((h + factors[3]) % 1.0, s, v).clamp(0, 1)
+    return y
 
 
 def random_grayscale(x, p=0.2):
@@ -631,10 +687,6 @@ def gaussian_blur(x, kernel_size, sigma=(0.1, 2.0), p=0.5):
     y = F.conv2d(y, w.view(N * C, 1, 1, k), groups=N * C)
     y = F.conv2d(y, w.view(N * C, 1, k, 1), groups=N * C).view(N, C, H, W)
     return torch.where(_coin(x, p), y, x)
-
-
-def solarize(x, threshold=0.5, p=0.2):
-    return torch.where(_coin(x, p), torch.where(x >= threshold, 1 - x, x), x)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -824,6 +876,68 @@ def merge_resume_args(parser, argv, args, saved):
     return argparse.Namespace(**merged)
 
 
+def resume_checkpoint(parser, argv, args, method):
+    """--resume: returns (args, ckpt) with the checkpoint's flags, except those given again on this command line;
+    without --resume, (args, None)."""
+    if not getattr(args, "resume", None):
+        return args, None
+    ckpt = load_checkpoint(args.resume)
+    if ckpt.get("method") != method:
+        fail(f"{args.resume} is a {ckpt.get('method')} checkpoint, not {method}")
+    return merge_resume_args(parser, argv, args, ckpt["args"]), ckpt
+
+
+def setup_run(args):
+    """Device, torchrun process group, seeding (each rank draws its own augmentations). Returns (device, rank, world)."""
+    device = get_device(args.device)
+    rank, world = setup_distributed(device)
+    seed_everything(args.seed + rank)
+    if args.batch_size % world:
+        fail(f"--batch-size {args.batch_size} is not divisible by the {world} torchrun processes")
+    return device, rank, world
+
+
+def restore(ckpt, rank, **objects):
+    """--resume: load each object's state (model=..., optimizer=..., a None object is skipped) and this rank's RNG
+    from the checkpoint. Returns the epoch to start from (0 without a checkpoint)."""
+    if ckpt is None:
+        return 0
+    for name, obj in objects.items():
+        if obj is not None:
+            obj.load_state_dict(ckpt[name])
+    set_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
+    return ckpt["epoch"]
+
+
+def save_training_checkpoint(path, rank, world, **state):
+    """The end-of-epoch checkpoint: every rank's RNG state (a collective under torchrun: call it on every rank),
+    written by rank 0. Values with a state_dict() (model, optimizer, scheduler, scaler) are saved as their state."""
+    rng = all_rng_states(world)
+    if rank == 0:
+        save_checkpoint(path, rng=rng, **{k: v.state_dict() if hasattr(v, "state_dict") else v
+                                          for k, v in state.items()})
+    if world > 1:
+        dist.barrier()
+
+
+def finish(out, rank, world, log, summary):
+    """Write summary.json and print it (rank 0); leave the torchrun process group. Returns the summary."""
+    if rank == 0:
+        with open(os.path.join(out, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+        log.print("summary " + json.dumps(summary))
+    if world > 1:
+        dist.destroy_process_group()
+    return summary
+
+
+def warmup_cosine(step, total_steps, warmup_steps):
+    """Learning-rate factor per step: linear from ~0 to 1 over the warm-up, then cosine from 1 to 0."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup_steps) / max(1, total_steps - warmup_steps)))
+
+
 def run_folder(args, method):
     if args.out:
         return args.out
@@ -836,7 +950,8 @@ def run_folder(args, method):
 class RunLog:
     """Progress lines with speed and ETA, per-epoch metrics.jsonl, curves.png redrawn each epoch (rank 0 only)."""
     def __init__(self, out, args, enabled=True, start_epoch=0):
-        self.out, self.enabled = out, enabled
+        self.out, self.enabled, self.args, self.start_epoch = out, enabled, args, start_epoch
+        self.t0, self.images = time.time(), 0
         if not enabled:
             return
         os.makedirs(out, exist_ok=True)
@@ -847,11 +962,24 @@ class RunLog:
             rows = [json.loads(line) for line in open(path) if line.strip()]
             with open(path, "w") as f:
                 f.writelines(json.dumps(r) + "\n" for r in rows if r.get("epoch", 0) <= start_epoch)
-        self.t0, self.images = time.time(), 0
 
     def print(self, *a):
         if self.enabled:
             print(*a, flush=True)
+
+    def step(self, epoch, step, steps, images, **metrics):
+        """Call after every training step: `epoch` and `step` count from 0, `steps` per epoch, `images` processed
+        in this step by all ranks. Prints a progress line (speed, ETA) every --log-every steps and at epoch end."""
+        self.images += images
+        if not self.enabled or ((step + 1) % self.args.log_every and step + 1 != steps):
+            return
+        done = (epoch - self.start_epoch) * steps + step + 1  # steps of this run (not of the resumed part)
+        total = (self.args.epochs - self.start_epoch) * steps
+        elapsed = time.time() - self.t0
+        eta = elapsed / done * (total - done)
+        m = " ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+        print(f"epoch {epoch + 1}/{self.args.epochs} step {step + 1}/{steps} {m} | {self.images / elapsed:.0f} img/s"
+              f" | ETA {fmt_time(eta)}", flush=True)
 
     def progress(self, epoch, epochs, step, steps, images, done_steps, total_steps, **metrics):
         """Call every step with the images processed in it; prints every call (the caller decides how often)."""
@@ -864,8 +992,10 @@ class RunLog:
         print(f"epoch {epoch}/{epochs} step {step}/{steps} {m} | {speed:.0f} img/s | ETA {fmt_time(eta)}", flush=True)
 
     def epoch(self, **metrics):
+        """End of an epoch: print the metrics, append them to metrics.jsonl, redraw curves.png."""
         if not self.enabled:
             return
+        print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()), flush=True)
         with open(os.path.join(self.out, "metrics.jsonl"), "a") as f:
             f.write(json.dumps(metrics) + "\n")
         plot_curves(os.path.join(self.out, "metrics.jsonl"), os.path.join(self.out, "curves.png"))
