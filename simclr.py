@@ -9,7 +9,8 @@ batch. The representation h = f(x) is kept; g is thrown away after training. doc
         --lr 4e-3 --weight-decay 1e-4 --crop-min-scale 0.2 --device cpu      # offline quick start, ~1 min on a CPU
     python simclr.py --data cifar10 --width 16 --epochs 30 --batch-size 256 --optimizer sgd --lr 0.3 \\
         --weight-decay 5e-4 --temperature 0.2 --device cpu                   # CIFAR-10 on a laptop CPU
-    python simclr.py --data cifar10 --epochs 500 --batch-size 512            # the paper's CIFAR-10 recipe, GPU
+    python simclr.py --data cifar10 --epochs 1000 --batch-size 512 --lr 1.0 --weight-decay 1e-4  # GPU: the
+        # reference code's CIFAR-10 command (ResNet-18, LARS, tau 0.5, jitter 0.5 and no blur at 32 px by default)
     torchrun --nproc_per_node=4 simclr.py --data imagenette --epochs 100     # 4 GPUs, one global batch
 """
 import argparse
