@@ -50,35 +50,35 @@ def fail(message):
 def add_common_args(parser, backbone="resnet18", training=True):
     """The flags every script has (data, model, device, run folder). Method flags stay in each file.
     training=False (evaluation scripts) leaves out --compile and --resume."""
-    g = parser.add_argument_group("data, model, device and run (shared by every script)")
-    g.add_argument("--data", default="shapes", help=f"dataset: one of {', '.join(DATASETS)}, or a folder path "
+    group = parser.add_argument_group("data, model, device and run (shared by every script)")
+    group.add_argument("--data", default="shapes", help=f"dataset: one of {', '.join(DATASETS)}, or a folder path "
                    "(class sub-folders, either directly or under train/ and val/ or test/)")
-    g.add_argument("--data-dir", default="./data", help="where datasets are downloaded and decoded caches kept")
-    g.add_argument("--img-size", type=int, default=None, help=f"{'training' if training else 'evaluation'} "
+    group.add_argument("--data-dir", default="./data", help="where datasets are downloaded and decoded caches kept")
+    group.add_argument("--img-size", type=int, default=None, help=f"{'training' if training else 'evaluation'} "
                    "resolution in px (default: the dataset's)")
-    g.add_argument("--imagenette-size", default="160px", choices=list(IMAGENETTE), help="which Imagenette archive")
-    g.add_argument("--shapes-n", type=int, nargs=2, default=[5000, 1000], metavar=("TRAIN", "TEST"),
+    group.add_argument("--imagenette-size", default="160px", choices=list(IMAGENETTE), help="which Imagenette archive")
+    group.add_argument("--shapes-n", type=int, nargs=2, default=[5000, 1000], metavar=("TRAIN", "TEST"),
                    help="number of training and test images of the synthetic `shapes` dataset")
-    g.add_argument("--backbone", default=backbone, choices=list(BACKBONES), help="encoder architecture")
-    g.add_argument("--width", type=int, default=64, help="base width (64 = the standard network; 16 or 32 for CPU)")
-    g.add_argument("--no-sobel", action="store_true", help="AlexNet only: no fixed Sobel input layer (RGB input)")
-    g.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+    group.add_argument("--backbone", default=backbone, choices=list(BACKBONES), help="encoder architecture")
+    group.add_argument("--width", type=int, default=64, help="base width (64 = the standard network; 16 or 32 for CPU)")
+    group.add_argument("--no-sobel", action="store_true", help="AlexNet only: no fixed Sobel input layer (RGB input)")
+    group.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
                    help="DataLoader worker processes for large images and decoding (default: min(4, CPU count))")
-    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="auto: cuda, mps, cpu")
-    g.add_argument("--amp", default="auto", choices=["auto", "off", "bf16", "fp16"],
+    group.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="auto: cuda, mps, cpu")
+    group.add_argument("--amp", default="auto", choices=["auto", "off", "bf16", "fp16"],
                    help="mixed precision of the forward pass (losses stay fp32). auto: on CUDA bf16 if supported, else "
                         "fp16 with a GradScaler; on a CPU bf16 if it computes bf16 natively (AVX-512 BF16, AMX or "
                         "Arm BF16), else off; off on MPS")
-    g.add_argument("--channels-last", default="auto", choices=["auto", "on", "off"],
+    group.add_argument("--channels-last", default="auto", choices=["auto", "on", "off"],
                    help="NHWC memory format for convolutions. auto: on for CUDA and for CPUs with AVX-512; off on "
                         "AVX2-only CPUs, where oneDNN crashed with it (see docs/simclr.md)")
     if training:
-        g.add_argument("--compile", action="store_true", help="torch.compile the model")
-    g.add_argument("--seed", type=int, default=0, help="seed of python, numpy and torch")
-    g.add_argument("--out", default=None, help="run folder (default runs/<method>-<data>-<time>)")
+        group.add_argument("--compile", action="store_true", help="torch.compile the model")
+    group.add_argument("--seed", type=int, default=0, help="seed of python, numpy and torch")
+    group.add_argument("--out", default=None, help="run folder (default runs/<method>-<data>-<time>)")
     if training:
-        g.add_argument("--resume", default=None, help="checkpoint (last.pt) to continue from, same epoch, step and lr")
-    g.add_argument("--log-every", type=int, default=20, help="print a progress line every N steps")
+        group.add_argument("--resume", default=None, help="checkpoint (last.pt) to continue from, same epoch, step and lr")
+    group.add_argument("--log-every", type=int, default=20, help="print a progress line every N steps")
     return parser
 
 
