@@ -8,7 +8,8 @@ Sections, in order:
   4. augmentations     -- batched, on the training device, independent random parameters per image;
                           each method composes its own recipe from these blocks in its own file
   5. backbones         -- torchvision ResNet-18/34/50 (with a small-image stem and a width option) and the
-                          DeepCluster AlexNet (BatchNorm, optional Sobel input); each returns h and has .feature_dim
+                          DeepCluster AlexNet (BatchNorm, optional Sobel input), a ViT-Tiny (torchvision's
+                          VisionTransformer, any input size); each returns h and has .feature_dim
   6. checkpoints, logs -- one checkpoint format, atomic writes, `load_encoder`, progress/ETA, metrics.jsonl, curves.png
 """
 import argparse
@@ -777,13 +778,55 @@ class AlexNet(nn.Module):
         return self.classifier(torch.flatten(self.avgpool(x), 1))
 
 
-BACKBONES = {"resnet18": 18, "resnet34": 34, "resnet50": 50, "alexnet": None}
+class ViT(torchvision.models.VisionTransformer):
+    """torchvision's VisionTransformer without its classifier; forward returns the final LayerNorm's [CLS] token
+    (N, dim). The defaults are ViT-Tiny (DeiT-Ti, as `--backbone vit_tiny`): 192-d, 12 blocks, 3 heads, MLP 4x.
+    Any input size works (DINO's small crops): the patch grid is floor(H/p) x floor(W/p) and the position
+    embedding, learned for img_size, is interpolated bicubically to it, as DINO's ViT does. --width is ignored."""
+    def __init__(self, img_size=224, patch_size=16, dim=192, depth=12, heads=3):
+        super().__init__(img_size, patch_size, depth, heads, dim, 4 * dim, num_classes=1)
+        self.heads = nn.Identity()
+        self.feature_dim = dim
+
+    def tokens(self, x):
+        """(N, 3, H, W) -> (N, 1 + h*w, dim): [CLS] and patch embeddings plus position embedding."""
+        x = self.conv_proj(x)  # (N, dim, h, w), h = H // patch
+        n, d, h, w = x.shape
+        pos = self.encoder.pos_embedding  # (1, 1 + g*g, dim), g = img_size // patch
+        g = self.image_size // self.patch_size
+        patch_pos = pos[:, 1:]
+        if (h, w) != (g, g):
+            patch_pos = F.interpolate(patch_pos.reshape(1, g, g, d).permute(0, 3, 1, 2), size=(h, w), mode="bicubic",
+                                      align_corners=False).permute(0, 2, 3, 1).reshape(1, h * w, d)
+        x = torch.cat([self.class_token.expand(n, -1, -1), x.flatten(2).transpose(1, 2)], 1)
+        return self.encoder.dropout(x + torch.cat([pos[:, :1], patch_pos], 1))
+
+    def forward(self, x):
+        return self.encoder.ln(self.encoder.layers(self.tokens(x)))[:, 0]
+
+    def last_attention(self, x):
+        """The last block's attention weights per head, (N, heads, 1 + h*w, 1 + h*w); row 0 is the [CLS] query."""
+        x = self.encoder.layers[:-1](self.tokens(x))
+        last = self.encoder.layers[-1]
+        y = last.ln_1(x)
+        return last.self_attention(y, y, y, need_weights=True, average_attn_weights=False)[1]
+
+
+def vit_patch_size(img_size):
+    """ViT patch size for an image size: 4 up to 64 px (8x8 patches at 32 px), 8 up to 128 px, else 16 (14x14
+    patches at 224 px)."""
+    return 4 if img_size <= 64 else 8 if img_size <= 128 else 16
+
+
+BACKBONES = {"resnet18": 18, "resnet34": 34, "resnet50": 50, "alexnet": None, "vit_tiny": None}
 
 
 def backbone_kwargs(args, img_size):
     """The keyword arguments that rebuild this run's encoder (stored in every checkpoint)."""
     if args.backbone == "alexnet":
         return {"width": args.width, "sobel": not args.no_sobel, "small": img_size <= 64}
+    if args.backbone == "vit_tiny":
+        return {"img_size": img_size, "patch_size": vit_patch_size(img_size)}
     return {"width": args.width, "small_stem": img_size <= 64}
 
 
@@ -792,6 +835,8 @@ def build_backbone(name, **kwargs):
         fail(f"unknown backbone '{name}': expected one of {', '.join(BACKBONES)}")
     if kwargs.get("width", 64) < 1:
         fail(f"--width must be positive, got {kwargs['width']}")
+    if name == "vit_tiny":
+        return ViT(**kwargs)
     return AlexNet(**kwargs) if name == "alexnet" else ResNet(BACKBONES[name], **kwargs)
 
 
