@@ -22,12 +22,12 @@ ReLU output averaged over space.
     python visualize.py top-images --ckpt runs/deepcluster-cifar10/last.pt --layer 5 --filters 0 33 --k 10
     python visualize.py maximize --ckpt runs/simclr-cifar10/last.pt --layer 5 --filter 0 1 2 3 --steps 200
     python visualize.py views --ckpt runs/simclr-cifar10/last.pt --ckpt2 runs/deepcluster-cifar10/last.pt
-    python visualize.py augment --data shapes --method simclr --out figs               # no checkpoint needed
+    python visualize.py augment --data shapes --method simclr --device cpu --out figs  # no checkpoint: seconds on a CPU
     python visualize.py filters --ckpt runs/simclr-cifar10/last.pt --random-init       # same network, untrained
+
+docs/visualize.md shows each figure with the command that made it.
 """
 import argparse
-import importlib
-import inspect
 import json
 import math
 import os
@@ -41,7 +41,9 @@ import torchvision
 from torchvision.transforms.functional import gaussian_blur
 
 import common
-from common import center_resize, denormalize, fail, normalize, random_flip, random_resized_crop, to_float
+import deepcluster
+import simclr
+from common import center_resize, denormalize, fail, normalize, to_float
 
 DPI = 100  # every figure is saved at this resolution: its size in pixels is DPI x its size in inches
 CELL = 0.9  # inches per image of a montage
@@ -54,8 +56,10 @@ def get_args(argv=None):
 
     out = argparse.ArgumentParser(add_help=False)  # flags every sub-command has
     out.add_argument("--out", default="figures", help="folder the PNG is written to")
-    out.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="auto: cuda, mps, cpu")
-    out.add_argument("--seed", type=int, default=0, help="seed of the image subset, augmentations and --random-init")
+
+    run = argparse.ArgumentParser(add_help=False)  # sub-commands that compute something
+    run.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="auto: cuda, mps, cpu")
+    run.add_argument("--seed", type=int, default=0, help="seed of the image subset, augmentations and --random-init")
 
     model = argparse.ArgumentParser(add_help=False)
     model.add_argument("--ckpt", required=True, help="checkpoint (last.pt) of any script of this project")
@@ -69,19 +73,23 @@ def get_args(argv=None):
                       help="sizes of the synthetic shapes dataset (default: the checkpoint's)")
     data.add_argument("--split", default="test", choices=["train", "test"],
                       help="which split's images: test, or the labelled training split")
-    data.add_argument("--max-images", type=int, default=None,
+    data.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+                      help="processes that decode folder datasets and read memory-mapped images")
+
+    many = argparse.ArgumentParser(add_help=False)  # sub-commands that run the encoder over a whole split
+    many.add_argument("--max-images", type=int, default=None,
                       help="a seeded random subset of at most this many images (default: all)")
-    data.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
-    data.add_argument("--workers", type=int, default=4, help="decoding processes for folder datasets")
+    many.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
 
-    s = sub.add_parser("filters", parents=[out, model], help="first conv layer's filters as a grid")
+    s = sub.add_parser("filters", parents=[out, run, model], help="first conv layer's filters as a grid")
 
-    s = sub.add_parser("top-images", parents=[out, model, data], help="images that most activate some filters")
+    s = sub.add_parser("top-images", parents=[out, run, model, data, many],
+                       help="images that most activate some filters")
     s.add_argument("--layer", type=int, default=5, help="layer number (1 = first conv stage)")
     s.add_argument("--filters", type=int, nargs="+", default=[0, 1, 2, 3, 4, 5], help="filter (channel) ids")
     s.add_argument("--k", type=int, default=10, help="images per filter")
 
-    s = sub.add_parser("maximize", parents=[out, model], help="gradient ascent on a filter's activation")
+    s = sub.add_parser("maximize", parents=[out, run, model], help="gradient ascent on a filter's activation")
     s.add_argument("--layer", type=int, default=5, help="layer number (1 = first conv stage)")
     s.add_argument("--filter", type=int, nargs="+", default=[0, 1, 2, 3], help="filter (channel) id(s)")
     s.add_argument("--steps", type=int, default=200, help="gradient-ascent steps")
@@ -90,15 +98,16 @@ def get_args(argv=None):
     s.add_argument("--blur-every", type=int, default=4, help="Gaussian blur every N steps (0: never)")
     s.add_argument("--blur-sigma", type=float, default=0.5, help="sigma of that blur in pixels")
 
-    s = sub.add_parser("views", parents=[out, model, data], help="two views, embedding cosine similarities")
+    s = sub.add_parser("views", parents=[out, run, model, data], help="two views, embedding cosine similarities")
     s.add_argument("--ckpt2", default=None, help="a second checkpoint: its matrix on the same views, and A - B")
-    s.add_argument("--n", type=int, default=8, help="number of images")
+    s.add_argument("--n", type=int, default=8, help="number of images (a seeded random subset of the split)")
 
-    s = sub.add_parser("augment", parents=[out, data], help="originals with augmented views")
+    s = sub.add_parser("augment", parents=[out, run, data], help="originals with augmented views")
     s.add_argument("--ckpt", default=None, help="take the method, its flags and the data from this checkpoint")
-    s.add_argument("--method", default="simclr", help="whose augmentation recipe (without --ckpt)")
+    s.add_argument("--method", default="simclr", choices=sorted(RECIPES),
+                   help="whose augmentation recipe (without --ckpt)")
     s.add_argument("--img-size", type=int, default=None, help="view size (default: the dataset's)")
-    s.add_argument("--n", type=int, default=6, help="number of images")
+    s.add_argument("--n", type=int, default=6, help="number of images (a seeded random subset of the split)")
     s.add_argument("--views", type=int, default=5, help="augmented views per image")
 
     s = sub.add_parser("curves", parents=[out], help="training curves of runs (metrics.jsonl)")
@@ -107,7 +116,7 @@ def get_args(argv=None):
     s = sub.add_parser("fewshot", parents=[out], help="test top-1 against labels per class")
     s.add_argument("--json", nargs="+", required=True, help="few-shot JSON file(s) of knn_eval.py")
 
-    s = sub.add_parser("embedding", parents=[out, model, data], help="2-D PCA of the features by class")
+    s = sub.add_parser("embedding", parents=[out, run, model, data, many], help="2-D PCA of the features by class")
     s.set_defaults(max_images=2000)
     return p, p.parse_args(argv)
 
@@ -218,8 +227,8 @@ def maximize_activation(encoder, layer, filt, img_size, steps=200, lr=0.05, l2_d
     Returns the image de-normalised to [0, 1], (3, S, S), and the activation before each step and at the end."""
     encoder.eval()
     dev = next(encoder.parameters()).device
-    g = torch.Generator().manual_seed(seed)
-    x = (0.1 * torch.randn(1, 3, img_size, img_size, generator=g)).to(dev).requires_grad_(True)
+    gen = torch.Generator().manual_seed(seed)
+    x = (0.1 * torch.randn(1, 3, img_size, img_size, generator=gen)).to(dev).requires_grad_(True)
     lo, hi = normalize(torch.zeros(1, 3, 1, 1, device=dev)), normalize(torch.ones(1, 3, 1, 1, device=dev))
     ksize = 2 * math.ceil(2 * blur_sigma) + 1
     history = []
@@ -262,27 +271,33 @@ def pca_2d(feats):
 # ----------------------------------------------------------------------------------------------------------------
 # Augmentation recipes
 # ----------------------------------------------------------------------------------------------------------------
+def _simclr_recipe(x, size, saved):
+    js = saved.get("jitter_strength")
+    js = js if js is not None else (0.5 if size < 96 else 1.0)  # simclr.py's default for this image size
+    return simclr.simclr_augment(x, size, js, saved.get("crop_min_scale", 0.08))
+
+
+def _deepcluster_recipe(x, size, saved):
+    return deepcluster.deepcluster_augment(x, size, saved.get("crop_min_scale", 0.08))
+
+
+# method -> f(uint8 images (N, 3, H, W), size, the checkpoint's flags) -> one normalised view (N, 3, size, size)
+RECIPES = {"simclr": _simclr_recipe, "deepcluster": _deepcluster_recipe}
+DEFAULT_RECIPE = "deepcluster"  # other methods: random resized crop + horizontal flip (DeepCluster's recipe)
+
+
 def augmentation(method, saved=None):
-    """The method's recipe as f(uint8 (N, 3, H, W), size) -> one normalised view (N, 3, size, size), and its name.
-    simclr: simclr.simclr_augment with the checkpoint's flags; another method: `<method>.<method>_augment` if its
-    file has one; else DeepCluster's random resized crop + horizontal flip."""
+    """The method's recipe from RECIPES with the checkpoint's flags (`saved`, its args), as
+    f(uint8 (N, 3, H, W), size) -> one normalised view (N, 3, size, size), and a name for titles.
+    A method without a recipe here gets DeepCluster's random resized crop + horizontal flip."""
     saved = saved or {}
-    if method == "simclr":
-        import simclr
-        js, ms = saved.get("jitter_strength", 1.0), saved.get("crop_min_scale", 0.08)
-        return (lambda x, size: simclr.simclr_augment(x, size, js, ms)), \
-            f"simclr.simclr_augment (jitter strength {js}, crop scale {ms}-1)"
-    here = os.path.dirname(os.path.abspath(__file__))
-    fn = None  # only this project's method files, not any installed module of that name
-    if method and os.path.isfile(os.path.join(here, f"{method}.py")):
-        fn = getattr(importlib.import_module(method), f"{method}_augment", None)
-    if fn is None:
-        return (lambda x, size: normalize(random_flip(random_resized_crop(to_float(x), size)))), \
-            "random resized crop + horizontal flip"
-    kw = {"min_scale": saved["crop_min_scale"]} if "crop_min_scale" in saved and "min_scale" in \
-        inspect.signature(fn).parameters else {}
-    return (lambda x, size: fn(x, size, **kw)), f"{method}.{method}_augment" + (
-        f" (crop scale {kw['min_scale']}-1)" if kw else "")
+    name = method if method in RECIPES else DEFAULT_RECIPE
+    fn = RECIPES[name]
+    flags = ", ".join(f"{k} {saved[k]}" for k in ("jitter_strength", "crop_min_scale") if saved.get(k) is not None)
+    label = f"{name}.{name}_augment" + (f" ({flags})" if flags else "")
+    if name != method:
+        label = f"random resized crop + horizontal flip ({label})"
+    return (lambda x, size: fn(x, size, saved)), label
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -300,9 +315,9 @@ def load_model(path, device, random_init=False, seed=0):
     return encoder, ckpt, img_size, label
 
 
-def load_images(args, ckpt=None, img_size=None):
+def load_images(args, ckpt=None, img_size=None, max_images=None):
     """(uint8 images, labels, class names) of --split of --data (default: the checkpoint's dataset at its size),
-    a seeded random subset of --max-images."""
+    a seeded (--seed) random subset of at most `max_images` (None: all)."""
     saved = (ckpt or {}).get("args", {})
     name = args.data or (ckpt or {}).get("data") or saved.get("data") or "shapes"
     data = common.load_dataset(name, args.data_dir or saved.get("data_dir", "./data"), img_size,
@@ -310,19 +325,21 @@ def load_images(args, ckpt=None, img_size=None):
                                shapes_n=tuple(args.shapes_n or saved.get("shapes_n", (5000, 1000))),
                                seed=saved.get("seed", 0))
     split = data.test if args.split == "test" else data.memory
-    if args.max_images is not None and args.max_images < 1:
-        fail(f"--max-images must be at least 1, got {args.max_images}")
+    if max_images is not None and max_images < 1:
+        fail(f"--max-images must be at least 1, got {max_images}")
     if len(split) == 0:
         fail(f"empty dataset: the {args.split} split of {name} has no images")
     idx = torch.arange(len(split))
-    if args.max_images is not None and args.max_images < len(split):  # random: folder splits are sorted by class
-        idx = torch.randperm(len(split), generator=torch.Generator().manual_seed(args.seed))[:args.max_images].sort().values
+    if max_images is not None and max_images < len(split):  # random: folder splits are sorted by class
+        gen = torch.Generator().manual_seed(args.seed)
+        idx = torch.randperm(len(split), generator=gen)[:max_images].sort().values
     return split.images[idx], split.labels[idx], split.classes
 
 
 def montage(images, nrow, pad=2):
     """float images (N, 3, H, W) in [0, 1] -> one (H', W', 3) array, nrow images per row, white gaps."""
-    return torchvision.utils.make_grid(images.float().cpu(), nrow=nrow, padding=pad, pad_value=1.0).permute(1, 2, 0).numpy()
+    grid = torchvision.utils.make_grid(images.float().cpu(), nrow=nrow, padding=pad, pad_value=1.0)
+    return grid.permute(1, 2, 0).numpy()
 
 
 def show_montage(ax, images, nrow, row_labels=(), title=None, pad=2):
@@ -399,7 +416,7 @@ def cmd_top_images(args, device):
     check_filters(encoder, args.layer, args.filters, img_size)
     if args.k < 1:
         fail(f"--k must be at least 1, got {args.k}")
-    images, _, _ = load_images(args, ckpt, img_size)
+    images, _, _ = load_images(args, ckpt, img_size, args.max_images)
     acts = compute_activations(encoder, images, args.layer, args.batch_size, img_size)
     vals, idx = top_k_images(acts, args.filters, args.k)  # (F, k)
     k = idx.shape[1]
@@ -435,8 +452,7 @@ def cmd_views(args, device):
     encoder, ckpt, img_size, label = load_model(args.ckpt, device, args.random_init, args.seed)
     if args.n < 2:
         fail(f"--n must be at least 2 (a similarity matrix of one image says nothing), got {args.n}")
-    args.max_images = args.n
-    images, _, _ = load_images(args, ckpt, img_size)
+    images, _, _ = load_images(args, ckpt, img_size, args.n)
     n = len(images)
     augment, recipe = augmentation(ckpt.get("method"), ckpt.get("args"))
     torch.manual_seed(args.seed)
@@ -476,9 +492,8 @@ def cmd_augment(args, device):
     method = ckpt.get("method") if ckpt else args.method
     if args.n < 1 or args.views < 1:
         fail(f"--n and --views must be at least 1, got {args.n} and {args.views}")
-    args.max_images = args.n
     img_size = args.img_size or (ckpt or {}).get("img_size")
-    images, _, _ = load_images(args, ckpt, img_size)
+    images, _, _ = load_images(args, ckpt, img_size, args.n)
     size = images.shape[-1]
     augment, recipe = augmentation(method, (ckpt or {}).get("args"))
     torch.manual_seed(args.seed)
@@ -567,8 +582,9 @@ def cmd_fewshot(args, device):
 
 def cmd_embedding(args, device):
     encoder, ckpt, img_size, label = load_model(args.ckpt, device, args.random_init, args.seed)
-    images, labels, classes = load_images(args, ckpt, img_size)
-    feats = common.extract_features(encoder, common.Split(images, labels, classes), device, args.batch_size, img_size)
+    images, labels, classes = load_images(args, ckpt, img_size, args.max_images)
+    feats = common.extract_features(encoder, common.Split(images, labels, classes), device, args.batch_size, img_size,
+                                    workers=args.workers)
     xy, ratio = pca_2d(feats)
     xy = xy.cpu().numpy()
     plt, fig = figure(6, 5)
@@ -592,9 +608,12 @@ COMMANDS = {"filters": cmd_filters, "top-images": cmd_top_images, "maximize": cm
 
 def main(argv=None):
     _, args = get_args(argv)
+    if args.command in ("curves", "fewshot"):  # they only read files and draw
+        return COMMANDS[args.command](args, None)
+    if getattr(args, "batch_size", 1) < 1:
+        fail(f"--batch-size must be at least 1, got {args.batch_size}")
     common.seed_everything(args.seed)
-    device = common.get_device(args.device)
-    return COMMANDS[args.command](args, device)
+    return COMMANDS[args.command](args, common.get_device(args.device))
 
 
 if __name__ == "__main__":

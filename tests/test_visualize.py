@@ -1,36 +1,21 @@
-"""visualize.py: activations, maximisation, views, every subcommand, bad input."""
-import hashlib
+"""visualize.py: activations, maximisation, views, recipes, every sub-command, flags that act, bad input."""
+import contextlib
+import io
 import json
-import math
 import os
-import pickle
-import socket
-import struct
-import subprocess
-import sys
-import tarfile
-import time
 
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from PIL import Image
 
-from util import HERE, expect_exit, free_port, random_init_knn, run_script, tmpdir
+from util import expect_exit, run_script
 import common
 import deepcluster
-import imagenet_mnist as im
-import knn_eval
 import simclr
 import visualize
 
 
-# visualize.py
-# ================================================================================================================
-# ================================================================================================================
-# visualize.py
-# ================================================================================================================
 def _tiny_ckpt(d, name="resnet18", method="simclr", **kw):
     """A checkpoint of a random-init network (what load_encoder reads), on the tiny shapes dataset."""
     torch.manual_seed(0)
@@ -93,7 +78,8 @@ def test_visualize_activations_and_top_k_match_direct_computation():
 
 
 def test_visualize_maximize_increases_activation():
-    for name, kw, layer in [("resnet18", {"width": 8, "small_stem": True}, 3), ("alexnet", {"width": 4, "small": True}, 2)]:
+    for name, kw, layer in [("resnet18", {"width": 8, "small_stem": True}, 3),
+                            ("alexnet", {"width": 4, "small": True}, 2)]:
         torch.manual_seed(0)
         enc = common.build_backbone(name, **kw).eval()
         img, hist = visualize.maximize_activation(enc, layer, 1, 32, steps=15, lr=0.1, blur_every=4)
@@ -122,8 +108,8 @@ def test_visualize_view_similarity_pca_and_filter_tiles():
     sim, acc = visualize.view_similarity(nn.Flatten(), v1, v1.roll(1, 0))  # shuffled pairs: none is
     assert acc == 0.0
     # PCA: the two leading principal directions of an exact SVD (up to sign)
-    g = torch.Generator().manual_seed(0)
-    f = torch.randn(300, 20, generator=g) * torch.linspace(5, 0.1, 20) + 3
+    gen = torch.Generator().manual_seed(0)
+    f = torch.randn(300, 20, generator=gen) * torch.linspace(5, 0.1, 20) + 3
     xy, ratio = visualize.pca_2d(f)
     c = (f - f.mean(0)).double().numpy()
     u, s, vt = np.linalg.svd(c, full_matrices=False)
@@ -137,16 +123,37 @@ def test_visualize_view_similarity_pca_and_filter_tiles():
     assert torch.allclose(t.amax((1, 2, 3)), torch.ones(5))
     t = visualize.filter_tiles(torch.randn(4, 2, 5, 5))
     assert t.shape == (4, 3, 5, 11) and torch.equal(t[:, 0], t[:, 2]) and (t[..., 5] == 1).all()
-    # recipes: simclr's own function with the checkpoint's flags; the fall-back crop + flip for unknown methods
-    aug, name = visualize.augmentation("simclr", {"jitter_strength": 0.5, "crop_min_scale": 0.2})
-    assert "simclr_augment" in name and "0.5" in name
+
+
+def test_visualize_recipes_are_the_methods_own_functions():
+    """RECIPES is a plain dict of each method's augmentation; a view equals the method's function called with the
+    checkpoint's flags under the same seed; other methods get DeepCluster's crop + flip, and say so."""
     x = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    saved = {"jitter_strength": 0.5, "crop_min_scale": 0.2}
+    for method, ref in [("simclr", lambda: simclr.simclr_augment(x, 24, 0.5, 0.2)),
+                        ("deepcluster", lambda: deepcluster.deepcluster_augment(x, 24, 0.2))]:
+        aug, name = visualize.augmentation(method, saved)
+        assert name.startswith(f"{method}.{method}_augment") and "crop_min_scale 0.2" in name, name
+        torch.manual_seed(3)
+        got = aug(x, 24)
+        torch.manual_seed(3)
+        assert got.shape == (4, 3, 24, 24) and torch.equal(got, ref())
+    # simclr.py saves jitter_strength None for its size-dependent default (0.5 below 96 px)
+    aug, _ = visualize.augmentation("simclr", {"jitter_strength": None})
+    torch.manual_seed(3)
+    got = aug(x, 24)
+    torch.manual_seed(3)
+    assert torch.equal(got, simclr.simclr_augment(x, 24, 0.5, 0.08))
     aug, name = visualize.augmentation("no-such-method")
-    assert name == "random resized crop + horizontal flip" and aug(x, 16).shape == (4, 3, 16, 16)
+    assert name.startswith("random resized crop + horizontal flip") and aug(x, 16).shape == (4, 3, 16, 16)
+    torch.manual_seed(3)
+    got = aug(x, 16)
+    torch.manual_seed(3)
+    assert torch.equal(got, deepcluster.deepcluster_augment(x, 16))
 
 
-def test_visualize_every_subcommand_writes_a_png():
-    d = tmpdir()
+def test_visualize_every_subcommand_writes_a_png(tmp_path):
+    d = str(tmp_path)
     res, alex = _tiny_ckpt(d), _tiny_ckpt(d, "alexnet", "deepcluster")
     cpu = ["--device", "cpu", "--out", d]
     _check_png(visualize.main(["filters", "--ckpt", res] + cpu), (600, 650))  # 8 filters 3x3 in a 3x3 grid
@@ -165,7 +172,7 @@ def test_visualize_every_subcommand_writes_a_png():
     os.makedirs(run)
     with open(os.path.join(run, "metrics.jsonl"), "w") as f:
         f.writelines(json.dumps({"epoch": e, "loss": 5 / e, "knn_top1": 10.0 * e}) + "\n" for e in range(1, 5))
-    _check_png(visualize.main(["curves", "--run", run, os.path.join(run, "metrics.jsonl")] + cpu), (800, 300))
+    _check_png(visualize.main(["curves", "--run", run, os.path.join(run, "metrics.jsonl"), "--out", d]), (800, 300))
     paths = []
     for i, name in enumerate(["simclr", "deepcluster"]):  # knn_eval.py's JSON
         rows = [{"protocol": "few-shot linear probe", "labels_per_class": n, "top1": 20.0 + 5 * i + n / 10}
@@ -174,26 +181,94 @@ def test_visualize_every_subcommand_writes_a_png():
         json.dump({"encoder": name, "data": "cifar10", "rows": rows}, open(paths[-1], "w"))
     points, label = visualize.read_fewshot(paths[0])
     assert list(points) == [10, 50, 100, 500] and points[50] == [25.0] and label == "simclr (cifar10)"
-    _check_png(visualize.main(["fewshot", "--json"] + paths + cpu), (600, 400))
+    _check_png(visualize.main(["fewshot", "--json"] + paths + ["--out", d]), (600, 400))
     assert sorted(f for f in os.listdir(d) if f.endswith(".png")) == [
         "augment-simclr.png", "curves.png", "embedding.png", "fewshot.png", "filters.png", "maximize-layer2.png",
         "top-images-layer5.png", "views.png"]
 
 
-def test_visualize_bad_input_errors():
-    d = tmpdir()
+def _encoder_batches(fn):
+    """Batch sizes of every forward call of a whole ResNet while fn() runs (a global forward pre-hook)."""
+    sizes = []
+
+    def hook(module, inputs):
+        if isinstance(module, common.ResNet):
+            sizes.append(inputs[0].shape[0])
+    handle = nn.modules.module.register_module_forward_pre_hook(hook)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            fn()
+    finally:
+        handle.remove()
+    return sizes
+
+
+def _argparse_rejects(argv):
+    """visualize.main(argv) must stop in argparse (exit status 2: an unknown flag for that sub-command)."""
+    try:
+        with contextlib.redirect_stderr(io.StringIO()) as err:
+            visualize.main(argv)
+    except SystemExit as e:
+        assert e.code == 2 and "unrecognized arguments" in err.getvalue(), (argv, e.code, err.getvalue())
+        return
+    raise AssertionError(f"{argv} was accepted")
+
+
+def test_visualize_flags_act_or_are_absent(tmp_path):
+    """--max-images and --batch-size change what top-images and embedding compute; the sub-commands where they
+    would do nothing (views and augment take --n) do not accept them; curves and fewshot take no --device/--seed."""
+    d = str(tmp_path)
+    res = _tiny_ckpt(d)  # shapes 24 / 16 images
+    cpu = ["--device", "cpu", "--out", d]
+    top = ["top-images", "--ckpt", res, "--layer", "2", "--k", "3"] + cpu
+    assert _encoder_batches(lambda: visualize.main(top)) == [1, 16]  # the filter check, then all 16 test images
+    assert _encoder_batches(lambda: visualize.main(top + ["--max-images", "5", "--batch-size", "2"])) == [1, 2, 2, 1]
+    assert _encoder_batches(lambda: visualize.main(top + ["--split", "train", "--batch-size", "10"])) == [1, 10, 10, 4]
+    emb = ["embedding", "--ckpt", res] + cpu
+    assert _encoder_batches(lambda: visualize.main(emb)) == [16]
+    assert _encoder_batches(lambda: visualize.main(emb + ["--max-images", "7", "--batch-size", "3"])) == [3, 3, 1]
+    assert _encoder_batches(lambda: visualize.main(["views", "--ckpt", res, "--n", "5"] + cpu)) == [5, 5]
+    # the seed picks the images and the augmentations: the same seed draws the same figure
+    aug = ["augment", "--data", "shapes", "--shapes-n", "8", "8", "--n", "2", "--views", "2"] + cpu
+    png = [open(visualize.main(aug + ["--seed", s]), "rb").read() for s in ("0", "0", "1")]
+    assert png[0] == png[1] and png[0] != png[2]
+    for argv in [["views", "--ckpt", res, "--max-images", "4"], ["views", "--ckpt", res, "--batch-size", "4"],
+                 ["augment", "--data", "shapes", "--max-images", "4"],
+                 ["augment", "--data", "shapes", "--batch-size", "4"],
+                 ["curves", "--run", d, "--device", "cpu"], ["fewshot", "--json", "x.json", "--seed", "1"],
+                 ["filters", "--ckpt", res, "--max-images", "4"], ["maximize", "--ckpt", res, "--split", "train"]]:
+        _argparse_rejects(argv + ["--out", d])
+
+
+def test_visualize_bad_input_errors(tmp_path):
+    d = str(tmp_path)
     res = _tiny_ckpt(d)
     cpu = ["--device", "cpu", "--out", d]
-    main = visualize.main
-    expect_exit(lambda: main(["top-images", "--ckpt", res, "--layer", "6"] + cpu), "--layer 6 is out of range", "1..5")
-    expect_exit(lambda: main(["maximize", "--ckpt", res, "--layer", "0"] + cpu), "--layer 0 is out of range")
-    expect_exit(lambda: main(["top-images", "--ckpt", res, "--layer", "1", "--filters", "0", "8"] + cpu),
-                "filter id(s) [8] out of range", "0..7")
-    expect_exit(lambda: main(["maximize", "--ckpt", res, "--layer", "5", "--filter", "-1"] + cpu), "[-1] out of range")
-    expect_exit(lambda: main(["top-images", "--ckpt", res, "--k", "0"] + cpu), "--k must be at least 1")
-    expect_exit(lambda: main(["top-images", "--ckpt", res, "--max-images", "0"] + cpu), "--max-images")
-    expect_exit(lambda: main(["views", "--ckpt", res, "--n", "1"] + cpu), "--n must be at least 2")
-    expect_exit(lambda: main(["filters", "--ckpt", os.path.join(d, "missing.pt")] + cpu), "checkpoint not found")
+    json.dump({"rows": [{"protocol": "weighted kNN", "top1": 50.0}]}, open(os.path.join(d, "knn.json"), "w"))
+    open(os.path.join(d, "bad.json"), "w").write("{not json")
+    os.makedirs(os.path.join(d, "empty-run"))
+    open(os.path.join(d, "empty-run", "metrics.jsonl"), "w").close()
+    cases = [  # (command line, words the one-line error must contain)
+        (["top-images", "--ckpt", res, "--layer", "6"], ["--layer 6 is out of range", "1..5"]),
+        (["maximize", "--ckpt", res, "--layer", "0"], ["--layer 0 is out of range"]),
+        (["top-images", "--ckpt", res, "--layer", "1", "--filters", "0", "8"],
+         ["filter id(s) [8] out of range", "0..7"]),
+        (["maximize", "--ckpt", res, "--layer", "5", "--filter", "-1"], ["[-1] out of range"]),
+        (["maximize", "--ckpt", res, "--steps", "0"], ["--steps must be at least 1"]),
+        (["top-images", "--ckpt", res, "--k", "0"], ["--k must be at least 1"]),
+        (["top-images", "--ckpt", res, "--max-images", "0"], ["--max-images must be at least 1"]),
+        (["embedding", "--ckpt", res, "--batch-size", "0"], ["--batch-size must be at least 1"]),
+        (["views", "--ckpt", res, "--n", "1"], ["--n must be at least 2"]),
+        (["augment", "--data", "shapes", "--views", "0"], ["--n and --views must be at least 1"]),
+        (["filters", "--ckpt", os.path.join(d, "missing.pt")], ["checkpoint not found"]),
+        (["curves", "--run", d], ["no metrics.jsonl"]),
+        (["curves", "--run", os.path.join(d, "empty-run")], ["has no epochs"]),
+        (["fewshot", "--json", os.path.join(d, "knn.json")], ["no few-shot rows"]),
+        (["fewshot", "--json", os.path.join(d, "bad.json")], ["cannot read"]),
+    ]
+    for argv, words in cases:
+        run_on = cpu if argv[0] not in ("curves", "fewshot") else ["--out", d]
+        expect_exit(lambda: visualize.main(argv + run_on), *words)
     no_conv = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 4))
     expect_exit(lambda: visualize.first_conv(no_conv), "has no conv layers")
     expect_exit(lambda: visualize.compute_activations(no_conv, torch.zeros(2, 3, 8, 8, dtype=torch.uint8), 1),
@@ -201,14 +276,8 @@ def test_visualize_bad_input_errors():
     enc = common.build_backbone("resnet18", width=8, small_stem=True)
     expect_exit(lambda: visualize.compute_activations(enc, torch.zeros(0, 3, 8, 8, dtype=torch.uint8), 1),
                 "empty dataset")
-    expect_exit(lambda: main(["curves", "--run", d] + cpu), "no metrics.jsonl")
-    open(os.path.join(d, "metrics.jsonl"), "w").close()
-    expect_exit(lambda: main(["curves", "--run", d] + cpu), "has no epochs")
-    json.dump({"rows": [{"protocol": "weighted kNN", "top1": 50.0}]}, open(os.path.join(d, "knn.json"), "w"))
-    expect_exit(lambda: main(["fewshot", "--json", os.path.join(d, "knn.json")] + cpu), "no few-shot rows")
-    open(os.path.join(d, "bad.json"), "w").write("{not json")
-    expect_exit(lambda: main(["fewshot", "--json", os.path.join(d, "bad.json")] + cpu), "cannot read")
     # the command line: one error line, exit status 1
     r = run_script("visualize.py", "maximize", "--ckpt", res, "--layer", "9", "--device", "cpu", "--out", d,
                    env={"OMP_NUM_THREADS": "1"})
-    assert r.returncode == 1 and r.stderr.strip() == "error: --layer 9 is out of range: this ResNet has layers 1..5", r.stderr
+    assert r.returncode == 1, r.stderr
+    assert r.stderr.strip() == "error: --layer 9 is out of range: this ResNet has layers 1..5", r.stderr
