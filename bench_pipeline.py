@@ -28,6 +28,7 @@ def get_args(argv=None):
     p.add_argument("--batch-size", type=int, default=256, help="images per step (each gives two views)")
     p.add_argument("--steps", type=int, default=10, help="timed steps per pipeline (after one warm-up step)")
     p.add_argument("--pipelines", default="batched,pil", help="comma-separated: batched, pil")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (its compilation is untimed)")
     simclr.add_simclr_args(p)
     common.add_common_args(p, backbone="resnet18", training=False)
     return p.parse_args(argv)
@@ -75,10 +76,12 @@ def main(argv=None):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     dtype = autocast.dtype or torch.float32
     print(f"{data.name} {size}px, {args.backbone} width {args.width}, batch {bs}, device {device}, {dtype}, {fmt}, "
-          f"{torch.get_num_threads()} threads")
+          f"{torch.get_num_threads()} threads{', compiled' if args.compile else ''}")
+
+    train_model = common.compile_model(model, device) if args.compile else model
 
     def train_step(v1, v2):
-        simclr.train_step(model, v1, v2, optimizer, scheduler, scaler, autocast, args.temperature)
+        simclr.train_step(train_model, v1, v2, optimizer, scheduler, scaler, autocast, args.temperature)
         sync(device)
 
     peak = matmul_peak(device, dtype)
@@ -108,7 +111,7 @@ def main(argv=None):
             t1 = time.perf_counter()
             train_step(v1, v2)
             t2 = time.perf_counter()
-            if i > 0:  # the first step warms up
+            if i > 0:  # the first step warms up (and compiles with --compile)
                 t_aug, t_model, n = t_aug + t1 - t0, t_model + t2 - t1, n + x.shape[0]
         gflops = flops_per_image * n / t_model / 1e9
         result.update(batched_img_s=n / (t_aug + t_model), model_img_s=n / t_model, aug_fraction=t_aug / (t_aug + t_model),
