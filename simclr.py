@@ -5,8 +5,8 @@ Two random augmentations of each image go through an encoder f (a ResNet) and a 
 the NT-Xent loss pulls the two views of an image together and pushes them away from the other 2N-2 views in the
 batch. The representation h = f(x) is kept; g is thrown away after training. docs/simclr.md has the details.
 
-    python simclr.py --data shapes --shapes-n 2000 500 --width 8 --epochs 8 --batch-size 64 --optimizer adamw \\
-        --lr 4e-3 --weight-decay 1e-4 --crop-min-scale 0.2 --device cpu      # offline quick start, ~1 min on a CPU
+    python simclr.py --data shapes --shapes-n 2000 500 --width 4 --epochs 8 --batch-size 64 --optimizer adamw \\
+        --lr 4e-3 --weight-decay 1e-4 --crop-min-scale 0.2 --device cpu      # offline quick start, < 1 min on a CPU
     python simclr.py --data cifar10 --width 16 --epochs 30 --batch-size 256 --optimizer sgd --lr 0.3 \\
         --weight-decay 5e-4 --temperature 0.2 --device cpu                   # CIFAR-10 on a laptop CPU
     python simclr.py --data cifar10 --epochs 1000 --batch-size 512 --lr 1.0 --weight-decay 1e-4  # GPU: the

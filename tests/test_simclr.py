@@ -305,21 +305,19 @@ def test_bf16_run_learns_like_fp32(tmp_path):
     assert r16[-1]["loss"] < r16[0]["loss"] and abs(s32["knn_top1"] - s16["knn_top1"]) < 8
 
 
-def test_simclr_trains_on_shapes():
+def test_simclr_trains_on_shapes(tmp_path):
     """End to end on the synthetic shapes, on the CPU (the README's quick-start command): SimCLR optimises its
     objective (the NT-Xent loss falls, the contrastive accuracy rises) and its representation classifies shapes
     clearly better than a random-init encoder of the same architecture: weighted-kNN top-1 at least 8 points above
-    (measured: 61.8% vs 46.8% with one thread)."""
-    d = tmpdir()
-    s = simclr.main(["--data", "shapes", "--shapes-n", "2000", "500", "--width", "8", "--epochs", "8",
+    (measured with one thread: 53.8% vs 35.6%; 55.8% with --seed 1)."""
+    s = simclr.main(["--data", "shapes", "--shapes-n", "2000", "500", "--width", "4", "--epochs", "8",
                      "--batch-size", "64", "--optimizer", "adamw", "--lr", "4e-3", "--weight-decay", "1e-4",
-                     "--warmup-epochs", "1", "--crop-min-scale", "0.2", "--knn-every", "8", "--device", "cpu",
-                     "--out", d, "--log-every", "1000"])
-    base = random_init_knn(common.load_dataset("shapes", shapes_n=(2000, 500)), width=8, small_stem=True)
-    rows = [json.loads(x) for x in open(os.path.join(d, "metrics.jsonl"))]
+                     "--crop-min-scale", "0.2", "--device", "cpu", "--out", str(tmp_path), "--log-every", "1000"])
+    base = random_init_knn(common.load_dataset("shapes", shapes_n=(2000, 500)), width=4, small_stem=True)
+    rows = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
     print(f"    loss {rows[0]['loss']:.3f} -> {rows[-1]['loss']:.3f}, contrastive acc {rows[0]['contrastive_acc']:.4f} -> "
           f"{rows[-1]['contrastive_acc']:.4f}; kNN {s['knn_top1']:.1f}% vs random init {base:.1f}%")
     assert rows[-1]["loss"] < rows[0]["loss"] - 0.2, rows
     assert rows[-1]["contrastive_acc"] > 2 * rows[0]["contrastive_acc"], rows
     assert s["knn_top1"] > base + 8, (s["knn_top1"], base)
-    assert json.load(open(os.path.join(d, "summary.json")))["knn_top1"] == s["knn_top1"]
+    assert json.load(open(tmp_path / "summary.json"))["knn_top1"] == s["knn_top1"]
