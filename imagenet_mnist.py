@@ -4,22 +4,24 @@ Paper: https://arxiv.org/abs/2005.10243 (section 3.2, Colorful-Moving-MNIST, tab
 
 Every image is a background (a labelled natural image) plus an MNIST digit. Two contrastive views share only what
 `--shared` says, and that decides what the representation keeps:
-    digit       the same digit image on two different backgrounds     -> the encoder keys on the digit
-    background  the same background with digits of different classes -> the encoder keys on the background
-    both        the same background and the same digit                -> the easier factor (background) wins
-Each setting trains an encoder with SimCLR's NT-Xent loss and projection head, then a weighted kNN judges it on
+    digit       the same digit image, each view on its own random background  -> the encoder keys on the digit
+    background  the same background image, each view with its own random digit -> it keys on the background
+    both        the same background and the same digit                        -> the easier factor (background) wins
+What is not shared is drawn independently for each view (as in the paper), so it is as often equal as chance says.
+Each setting trains an encoder with SimCLR (its flags, model, loss and update, from simclr.py), then a weighted kNN
+judges it on
 two tasks, digit class and background class, of a fixed, seeded set of composed images. A random-init encoder is
 the reference row. Results: table.md, table.json and bars.png in the run folder. One process (no torchrun).
+docs/imagenet_mnist.md has the details and the measured table.
 
     python imagenet_mnist.py --backgrounds shapes --shapes-n 2000 500 --img-size 32 --width 8 --epochs 5 \\
         --batch-size 128 --device cpu                                  # synthetic backgrounds, small CPU run
     python imagenet_mnist.py --shared all --backgrounds imagenette --img-size 72 --width 16 --epochs 20
-    python imagenet_mnist.py --shared digit --backgrounds /path/to/imagenette2-224 --mnist-dir /path/to/mnist
+    python imagenet_mnist.py --shared digit --backgrounds data/imagenette/imagenette2-224 --mnist-dir data/mnist
 """
 import argparse
 import json
 import os
-import sys
 import time
 
 import torch
@@ -27,9 +29,9 @@ import torch.nn.functional as F
 import torchvision
 
 import common
+import simclr
 from common import color_jitter, fail, gaussian_blur, normalize, random_flip, random_resized_crop, to_float
 from knn_eval import knn_predict
-from simclr import ProjectionHead, make_optimizer, nt_xent_loss, param_groups, warmup_cosine
 
 METHOD = "imagenet_mnist"
 SETTINGS = ["digit", "background", "both"]  # the table's row order
@@ -51,17 +53,8 @@ def get_args(argv=None):
                         "budgets; 0 = all)")
     p.add_argument("--epochs", type=int, default=20, help="training epochs per setting")
     p.add_argument("--batch-size", type=int, default=256, help="batch size (pairs of views)")
-    p.add_argument("--optimizer", default="sgd", choices=["lars", "sgd", "adamw"], help="optimizer")
-    p.add_argument("--lr", type=float, default=None,
-                   help="base learning rate per 256 images, scaled by batch-size/256 (default: lars 1.0, sgd 0.3, "
-                        "adamw 1e-3)")
-    p.add_argument("--weight-decay", type=float, default=1e-4, help="weight decay (not on biases and BatchNorm)")
-    p.add_argument("--warmup-epochs", type=float, default=1, help="linear warm-up epochs, then cosine decay")
-    p.add_argument("--temperature", type=float, default=0.5, help="NT-Xent temperature tau")
-    p.add_argument("--proj-hidden", type=int, default=None, help="projection head hidden size (default: feature size)")
-    p.add_argument("--proj-dim", type=int, default=128, help="projection head output size")
-    p.add_argument("--crop-min-scale", type=float, default=0.3, help="smallest crop area fraction of the background")
-    p.add_argument("--jitter-strength", type=float, default=0.5, help="background colour jitter strength s")
+    simclr.add_simclr_args(p)
+    p.set_defaults(optimizer="sgd", weight_decay=1e-4, crop_min_scale=0.3)  # the crop is of the background only
     p.add_argument("--knn-every", type=int, default=5, help="two-task kNN monitor every N epochs (and the last)")
     p.add_argument("--knn-k", type=int, default=200, help="kNN: neighbours")
     p.add_argument("--knn-temperature", type=float, default=0.1, help="kNN: vote temperature")
@@ -100,28 +93,20 @@ def load_digits(root, digits, train, size):
 # ----------------------------------------------------------------------------------------------------------------
 # Views: which background and which digit each of the two views gets, then composition and augmentation.
 # ----------------------------------------------------------------------------------------------------------------
-def sample_pairs(shared, bg_idx, num_backgrounds, digit_labels, generator=None):
+def sample_pairs(shared, bg_idx, num_backgrounds, num_digits, generator=None):
     """Indices (bg1, bg2, dg1, dg2), each (N,), of the two views of N samples whose first background is bg_idx.
 
-    digit:      dg2 = dg1 (the same digit image),  bg2 != bg1 (another background image)
-    background: bg2 = bg1 (the same background),   dg2 is a random digit of another class than dg1's
+    digit:      dg2 = dg1 (the same digit image),  bg2 a random background image, drawn independently of bg1
+    background: bg2 = bg1 (the same background),   dg2 a random digit image, drawn independently of dg1
     both:       bg2 = bg1 and dg2 = dg1
-    `digit_labels` (M,) must be sorted (class c is one contiguous range), as load_digits returns them."""
-    N, M = bg_idx.shape[0], digit_labels.shape[0]
-    counts = torch.bincount(digit_labels)  # (K,)
-    starts = counts.cumsum(0) - counts
-    K = counts.shape[0]
-    dg1 = torch.randint(0, M, (N,), generator=generator)
+    What is not shared is drawn as the first view's is (uniformly over the images), so the two views agree on it
+    exactly as often as chance says (e.g. the same digit class with probability sum_c p_c^2): neither pulled
+    together nor pushed apart, which is the paper's design."""
+    N = bg_idx.shape[0]
     bg1 = bg_idx
-    if shared == "digit":  # a shift of 1..n-1 gives another image
-        bg2 = (bg1 + torch.randint(1, num_backgrounds, (N,), generator=generator)) % num_backgrounds
-    else:
-        bg2 = bg1
-    if shared == "background":  # another class c2 != c1, then a random digit of c2
-        c2 = (digit_labels[dg1] + torch.randint(1, K, (N,), generator=generator)) % K
-        dg2 = starts[c2] + (torch.rand(N, generator=generator) * counts[c2]).long().clamp(max=counts[c2] - 1)
-    else:
-        dg2 = dg1
+    dg1 = torch.randint(0, num_digits, (N,), generator=generator)
+    bg2 = torch.randint(0, num_backgrounds, (N,), generator=generator) if shared == "digit" else bg1
+    dg2 = torch.randint(0, num_digits, (N,), generator=generator) if shared == "background" else dg1
     return bg1, bg2, dg1, dg2
 
 
@@ -156,6 +141,18 @@ def augment_view(backgrounds, digits, size, min_scale=0.3, jitter_strength=0.5):
     return normalize(compose(x, digits))
 
 
+# ================================================================================================================
+# ALGO LOGIC: the two views of one step share only `shared` (the experiment); the update is simclr.train_step
+# ================================================================================================================
+def make_views(shared, idx, backgrounds, digit_images, size, min_scale, jitter_strength, device):
+    """Two augmented views (normalised float (N, 3, size, size) each, on `device`) of the N samples whose first
+    background is backgrounds[idx]: sample_pairs picks each view's background and digit, augment_view composes."""
+    bg1, bg2, dg1, dg2 = sample_pairs(shared, idx, len(backgrounds), len(digit_images))
+    return tuple(augment_view(backgrounds[bg].to(device, non_blocking=True), digit_images[dg].to(device), size,
+                              min_scale, jitter_strength) for bg, dg in [(bg1, dg1), (bg2, dg2)])
+
+
+# ================================================================================================================
 def subset(split, n, seed):
     """A seeded random subset of at most n images of a split (in their original order)."""
     if len(split) <= n:
@@ -167,13 +164,13 @@ def subset(split, n, seed):
 def make_eval_split(background_split, digit_images, digit_labels, seed):
     """The fixed, seeded evaluation images: every background of the split plus a random digit at a random position.
     Returns (common.Split with the background labels, digit labels (N,)); the same seed gives the same images."""
-    g = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
     N = len(background_split)
-    pick = torch.randint(0, len(digit_labels), (N,), generator=g)
+    pick = torch.randint(0, len(digit_labels), (N,), generator=gen)
     images = []
     for idx in torch.arange(N).split(1024):
         bg = to_float(background_split.images[idx])
-        images.append((compose(bg, digit_images[pick[idx]], generator=g) * 255).round().to(torch.uint8))
+        images.append((compose(bg, digit_images[pick[idx]], generator=gen) * 255).round().to(torch.uint8))
     split = common.Split(torch.cat(images), background_split.labels.clone(), background_split.classes)
     return split, digit_labels[pick]
 
@@ -236,107 +233,76 @@ def paper_pattern(rows):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-def train_setting(args, shared, data, digits, memory, test, device, autocast, scaler, out, log_print):
+# One setting, then the experiment
+# ----------------------------------------------------------------------------------------------------------------
+def train_setting(args, shared, data, digits, memory, test, device, autocast, scaler, out):
     """Pre-train one encoder with views that share `shared`, then return its two-task kNN errors.
     Continues from <out>/last.pt when the run is resumed."""
     ckpt_path = os.path.join(out, "last.pt")
     ckpt = common.load_checkpoint(ckpt_path) if args.resume and os.path.exists(ckpt_path) else None
     common.seed_everything(args.seed)  # every setting starts from the same initial weights
     log = common.RunLog(out, args, start_epoch=ckpt["epoch"] if ckpt else 0)
-    digit_images, digit_labels = digits
+    fmt = common.memory_format(device, args.channels_last)
+    digit_images, _ = digits
     n_bg, bs = len(data.train), args.batch_size
     steps_per_epoch = n_bg // bs
+    jitter = args.jitter_strength if args.jitter_strength is not None else (0.5 if data.img_size < 96 else 1.0)
+    warmup = args.warmup_epochs if args.warmup_epochs is not None else min(10.0, 0.1 * args.epochs)
 
-    # --- model, optimizer, schedule ---
+    # --- model, optimizer, schedule (SimCLR's) ---
     bb_kwargs = common.backbone_kwargs(args, data.img_size)
-    encoder = common.build_backbone(args.backbone, **bb_kwargs)
-    model = torch.nn.ModuleDict({"encoder": encoder, "head": ProjectionHead(
-        encoder.feature_dim, args.proj_hidden or encoder.feature_dim, args.proj_dim)}).to(device)
+    model = simclr.SimCLR(common.build_backbone(args.backbone, **bb_kwargs), args.proj_hidden, args.proj_dim)
+    model = model.to(device, memory_format=fmt)
     lr = (args.lr or {"lars": 1.0, "sgd": 0.3, "adamw": 1e-3}[args.optimizer]) * bs / 256
-    optimizer = make_optimizer(args.optimizer, param_groups(model, args.weight_decay), lr)
-    total_steps, warmup_steps = args.epochs * steps_per_epoch, int(args.warmup_epochs * steps_per_epoch)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, total_steps, warmup_steps))
-
-    # --- resume ---
-    start_epoch = 0
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
-        common.set_rng_state(ckpt["rng"][0])
-        start_epoch = ckpt["epoch"]
-        log_print(f"[{shared}] resumed from {ckpt_path} at epoch {start_epoch}")
-    net = common.compile_model(lambda x: model["head"](model["encoder"](x)), device) if args.compile else (
-        lambda x: model["head"](model["encoder"](x)))
+    optimizer = simclr.make_optimizer(args.optimizer, simclr.param_groups(model, args.weight_decay), lr)
+    total_steps, warmup_steps = args.epochs * steps_per_epoch, int(warmup * steps_per_epoch)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: common.warmup_cosine(step, total_steps, warmup_steps))
+    start_epoch = common.restore(ckpt, 0, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
+    train_model = common.compile_model(model, device) if args.compile else model
+    log.print(f"[{shared}] views share: {ROW_NAMES[shared]}; {steps_per_epoch} steps per epoch, jitter {jitter}, "
+              f"warm-up {warmup:g} epochs" + (f"; resumed from {ckpt_path} at epoch {start_epoch}" if ckpt else ""))
 
     # --- training loop ---
-    errors, t_start, images_seen = {}, time.time(), 0
+    errors, t_start = {}, time.time()
     for epoch in range(start_epoch, args.epochs):
         model.train()
         order = torch.randperm(n_bg, generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))
-        sums = {"loss": 0.0}
-        t_epoch = time.time()
+        sums, t_epoch = {"loss": 0.0, "acc": 0.0}, time.time()
         for step in range(steps_per_epoch):
-            idx = order[step * bs:(step + 1) * bs]
-            bg1, bg2, dg1, dg2 = sample_pairs(shared, idx, n_bg, digit_labels)
             with torch.no_grad():  # the two views, composed and augmented on the device
-                x1 = data.train.images[bg1].to(device, non_blocking=True)
-                x2 = x1 if shared != "digit" else data.train.images[bg2].to(device, non_blocking=True)
-                v1 = augment_view(x1, digit_images[dg1].to(device), data.img_size, args.crop_min_scale,
-                                  args.jitter_strength)
-                v2 = augment_view(x2, digit_images[dg2].to(device), data.img_size, args.crop_min_scale,
-                                  args.jitter_strength)
-            with autocast():
-                z1, z2 = net(v1).float(), net(v2).float()
-            loss = nt_xent_loss(z1, z2, args.temperature)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            sums["loss"] += loss.item()
-            images_seen += bs
-            done = epoch * steps_per_epoch + step + 1
-            if (step + 1) % args.log_every == 0 or step + 1 == steps_per_epoch:
-                log.progress(epoch + 1, args.epochs, step + 1, steps_per_epoch, images_seen,
-                             done - start_epoch * steps_per_epoch, total_steps - start_epoch * steps_per_epoch,
-                             loss=loss.item(), lr=scheduler.get_last_lr()[0])
+                v1, v2 = (v.contiguous(memory_format=fmt) for v in make_views(
+                    shared, order[step * bs:(step + 1) * bs], data.train.images, digit_images, data.img_size,
+                    args.crop_min_scale, jitter, device))
+            loss, acc = simclr.train_step(train_model, v1, v2, optimizer, scheduler, scaler, autocast,
+                                          args.temperature)
+            sums["loss"] += loss
+            sums["acc"] += acc
+            log.step(epoch, step, steps_per_epoch, bs, loss=loss, acc=acc, lr=scheduler.get_last_lr()[0])
 
         # --- end of epoch: two-task kNN monitor, metrics, checkpoint ---
-        metrics = {"epoch": epoch + 1, "loss": sums["loss"] / steps_per_epoch, "lr": scheduler.get_last_lr()[0],
+        metrics = {"epoch": epoch + 1, "loss": sums["loss"] / steps_per_epoch,
+                   "contrastive_acc": sums["acc"] / steps_per_epoch, "lr": scheduler.get_last_lr()[0],
                    "img_per_s": steps_per_epoch * bs / (time.time() - t_epoch)}
         if (epoch + 1) % args.knn_every == 0 or epoch + 1 == args.epochs:
-            errors = two_task_errors(model["encoder"], memory, test, device, args.knn_k, args.knn_temperature,
-                                     autocast)
+            errors = two_task_errors(model.encoder, memory, test, device, args.knn_k, args.knn_temperature, autocast)
             metrics.update(errors)
         log.epoch(**metrics)
-        log_print(f"[{shared}] " + " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                                             for k, v in metrics.items()))
-        common.save_checkpoint(
-            ckpt_path, method=METHOD, setting=shared, args=vars(args), epoch=epoch + 1,
+        common.save_training_checkpoint(
+            ckpt_path, 0, 1, method=METHOD, setting=shared, args=vars(args), epoch=epoch + 1,
             step=(epoch + 1) * steps_per_epoch, backbone={"name": args.backbone, "kwargs": bb_kwargs},
-            encoder=model["encoder"].state_dict(), model=model.state_dict(), optimizer=optimizer.state_dict(),
-            scheduler=scheduler.state_dict(), scaler=scaler.state_dict(), rng=common.all_rng_states(),
+            encoder=model.encoder, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
             img_size=data.img_size, data=args.data, metrics=metrics, errors=errors)
     if not errors:  # resumed from a finished setting: judge the loaded encoder
-        errors = ckpt.get("errors") or two_task_errors(model["encoder"], memory, test, device, args.knn_k,
+        errors = ckpt.get("errors") or two_task_errors(model.encoder, memory, test, device, args.knn_k,
                                                        args.knn_temperature, autocast)
     return {**errors, "epochs": args.epochs, "train_wall_time_s": time.time() - t_start, "checkpoint": ckpt_path}
 
 
 def main(argv=None):
     parser, args = get_args(argv)
-    ckpt = common.load_checkpoint(args.resume) if args.resume else None
-    if ckpt is not None:  # continue the experiment with the checkpoint's flags, except those given again
-        if ckpt.get("method") != METHOD:
-            fail(f"{args.resume} is a {ckpt.get('method')} checkpoint, not {METHOD}")
-        # (--resume itself is left out of argv: common.merge_resume_args would pass "resume" twice to dict())
-        argv = sys.argv[1:] if argv is None else argv
-        argv = [a for i, a in enumerate(argv) if "--resume" not in (a.split("=")[0], argv[i - 1] if i else None)]
-        args = common.merge_resume_args(parser, argv, args, ckpt["args"])
-    if args.epochs < 1 or args.batch_size < 2:
-        fail(f"--epochs must be >= 1 and --batch-size >= 2 (got {args.epochs}, {args.batch_size})")
+    args, _ = common.resume_checkpoint(parser, argv, args, METHOD)  # the checkpoint's flags, except those given
+    simclr.check_args(args)
     check_digits(args.digits)
     if not 0 < args.digit_scale <= 1:
         fail(f"--digit-scale must be in (0, 1], got {args.digit_scale}")
@@ -380,7 +346,7 @@ def main(argv=None):
     rows = {}
     for shared in (SETTINGS if args.shared == "all" else [args.shared]):
         rows[shared] = train_setting(args, shared, data, digits_train, memory, test, device, autocast, scaler,
-                                     os.path.join(out, shared), print)
+                                     os.path.join(out, shared))
     common.seed_everything(args.seed)  # the same initial weights as every trained encoder
     encoder = common.build_backbone(args.backbone, **common.backbone_kwargs(args, data.img_size)).to(device)
     rows["random"] = two_task_errors(encoder, memory, test, device, args.knn_k, args.knn_temperature, autocast)
