@@ -5,18 +5,19 @@ Each epoch alternates two steps. (1) Cluster: features of every training image (
 PCA with whitening, L2-normalised and grouped by k-means into k clusters. (2) Learn: a freshly initialised linear
 layer on top of the network is trained, together with the network, to predict each image's cluster id (its
 pseudo-label) from an augmented view, with images drawn uniformly over the clusters. The k-means here is written
-in torch (no faiss), runs on the training device in chunks and never leaves a cluster empty.
+in torch (no faiss), runs on the training device in chunks and refills empty clusters as faiss does.
+docs/deepcluster.md has the details.
 
     python deepcluster.py --data shapes --shapes-n 1000 300 --width 8 --epochs 6 --batch-size 32 --k 20 \
         --pca-dim 32 --samples-per-epoch 3000 --crop-min-scale 0.3 --device cpu      # offline, ~1 min on CPU
-    python deepcluster.py --data cifar10 --width 32 --epochs 100                                # small AlexNet, GPU
+    python deepcluster.py --data cifar10 --width 32 --pca-dim 128 --epochs 100                  # small AlexNet, GPU
     python deepcluster.py --data imagenette --epochs 200 --k 1000                               # 128 px Imagenette
     torchrun --nproc_per_node=4 deepcluster.py --data imagenette --epochs 200                   # 4 GPUs
 """
 import argparse
 import json
+import math
 import os
-import sys
 import time
 
 import torch
@@ -37,13 +38,18 @@ def get_args(argv=None):
     p.add_argument("--epochs", type=int, default=100, help="training epochs (one clustering per epoch)")
     p.add_argument("--batch-size", type=int, default=256, help="global batch size (split over torchrun ranks)")
     p.add_argument("--lr", type=float, default=0.05, help="SGD learning rate (constant, as in the paper)")
-    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum of the network")
+    p.add_argument("--top-momentum", type=float, default=0.0,
+                   help="SGD momentum of the top layer, re-initialised every epoch (the reference code: 0, plain SGD)")
     p.add_argument("--weight-decay", type=float, default=1e-5, help="SGD weight decay")
     p.add_argument("--k", type=int, default=None,
                    help="number of k-means clusters (default: 10 x the number of classes, e.g. 100 for CIFAR-10, "
                         "10000 for ImageNet)")
     p.add_argument("--pca-dim", type=int, default=256, help="PCA-whitening dimension before k-means")
     p.add_argument("--kmeans-iters", type=int, default=20, help="k-means (Lloyd) iterations per clustering")
+    p.add_argument("--kmeans-init", default="random", choices=["random", "k-means++"],
+                   help="k-means start: k random points (faiss's, the paper's) or greedy k-means++ (better on "
+                        "well-separated clusters, k sequential passes over the features)")
     p.add_argument("--samples-per-epoch", type=int, default=None,
                    help="images drawn over the clusters for each epoch's training (default: the training set size, "
                         "as the paper); fewer makes an epoch cheaper on a small budget, the clustering still sees all")
@@ -60,8 +66,43 @@ def get_args(argv=None):
     return p, p.parse_args(argv)
 
 
+def check_args(args):
+    """The flags alone (before any data is loaded)."""
+    if args.epochs < 1 or args.batch_size < 2:
+        fail(f"--epochs must be >= 1 and --batch-size >= 2 (got {args.epochs}, {args.batch_size})")
+    if args.pca_dim < 1 or args.kmeans_iters < 1 or args.feature_batch_size < 1 or args.knn_every < 1:
+        fail(f"--pca-dim, --kmeans-iters, --feature-batch-size and --knn-every must be >= 1 (got {args.pca_dim}, "
+             f"{args.kmeans_iters}, {args.feature_batch_size}, {args.knn_every})")
+    if args.lr <= 0 or args.weight_decay < 0:
+        fail(f"--lr must be > 0 and --weight-decay >= 0 (got {args.lr}, {args.weight_decay})")
+    if not (0 <= args.momentum < 1 and 0 <= args.top_momentum < 1):
+        fail(f"--momentum and --top-momentum must be in [0, 1) (got {args.momentum}, {args.top_momentum})")
+    if not 0 < args.crop_min_scale <= 1:
+        fail(f"--crop-min-scale must be in (0, 1], got {args.crop_min_scale}")
+    if args.samples_per_epoch is not None and args.samples_per_epoch < args.batch_size:
+        fail(f"--samples-per-epoch {args.samples_per_epoch} is smaller than --batch-size {args.batch_size}")
+
+
+def check_data_args(args, n_train, k):
+    """The flags against the training set of n_train images, to be cut into k clusters."""
+    if not 2 <= k <= n_train:
+        fail(f"--k must be between 2 and the number of training images ({n_train}), got {k}")
+    if args.batch_size > n_train:
+        fail(f"batch size {args.batch_size} is larger than the dataset ({n_train} images)")
+
+
+def training_subset(split, n):
+    """--train-subset: a fixed random subset of n images (the same for every seed and rank); None keeps them all."""
+    if n is None:
+        return split
+    if not 1 <= n <= len(split):
+        fail(f"--train-subset must be between 1 and {len(split)}, got {n}")
+    keep = torch.randperm(len(split), generator=torch.Generator().manual_seed(0))[:n]
+    return common.Split(split.images[keep], split.labels[keep], split.classes)
+
+
 # ----------------------------------------------------------------------------------------------------------------
-# Step 1: clustering. PCA-whitening + L2 normalisation, then k-means (Lloyd) with faiss's empty-cluster rule.
+# Step 1: clustering. PCA-whitening + L2 normalisation, then k-means (Lloyd) with faiss's rule for empty clusters.
 # ----------------------------------------------------------------------------------------------------------------
 def pca_whiten(x, dim):
     """Project (N, D) features on their top `dim` principal axes and scale each axis to unit variance:
@@ -89,10 +130,38 @@ def _nearest(x, centroids, chunk):
     return torch.cat([(c_sq - 2 * xb @ centroids.T).argmin(1) for xb in x.split(chunk)])
 
 
-def _split_into_empty(x, assign, k, generator):
-    """faiss's rule for an empty cluster: it takes over half of a large cluster. The cluster to split is drawn
-    with probability proportional to (size - 1); the half of its points nearest to one of its random members
-    moves to the empty cluster. Afterwards every cluster has at least one point (needs N >= k)."""
+def _means(x, assign, k):
+    """Each cluster's mean; an empty cluster's is 0 (as faiss; _split_clusters replaces it)."""
+    sums = torch.zeros(k, x.shape[1], device=x.device, dtype=x.dtype).index_add_(0, assign, x)
+    return sums / torch.bincount(assign, minlength=k).clamp(min=1).to(x.dtype)[:, None]
+
+
+def _split_clusters(centroids, counts, generator, eps=1 / 1024):
+    """faiss's rule for empty clusters (Clustering.cpp, split_clusters; the paper's section 3.3): each empty cluster i
+    takes the centroid of a cluster j drawn with probability proportional to (size_j - 1), with a small symmetric
+    perturbation, c_i = c_j * (1 + eps s) and c_j = c_j * (1 - eps s), s = (+1, -1, +1, ...), eps = 1/1024; the next
+    assignment shares j's points between the two. As in faiss, j's size is then booked as split evenly, so a second
+    empty cluster prefers another large cluster. (faiss draws j by walking over the clusters and accepting each with
+    probability (size_j - 1) / (N - k); this draws from the same weights directly.) centroids (k, D) are changed in
+    place and returned; counts (k,) are the sizes of the assignment the centroids were computed from."""
+    counts = counts.cpu().clone()
+    s = torch.ones(centroids.shape[1], device=centroids.device, dtype=centroids.dtype)
+    s[1::2] = -1
+    for i in (counts == 0).nonzero().flatten().tolist():  # some cluster has >= 2 points while one is empty (N >= k)
+        j = torch.multinomial((counts - 1).clamp(min=0).double(), 1, generator=generator).item()
+        c = centroids[j].clone()
+        centroids[i], centroids[j] = c * (1 + eps * s), c * (1 - eps * s)
+        counts[i] = counts[j] // 2
+        counts[j] -= counts[i]
+    return centroids
+
+
+def _fill_empty(x, assign, k, generator):
+    """The last resort, after the final assignment, for a cluster that the centroid split could not fill: identical
+    points (no perturbation separates them) or a split cluster whose points all fell on one side. A cluster to split
+    is drawn with probability proportional to (size - 1) and the half of its points nearest to one of its random
+    members moves to the empty cluster. faiss has no such step (it can return empty clusters); here every cluster
+    ends with at least one point (needs N >= k)."""
     counts = torch.bincount(assign, minlength=k).cpu()
     for e in (counts == 0).nonzero().flatten().tolist():
         j = torch.multinomial((counts - 1).clamp(min=0).double(), 1, generator=generator).item()
@@ -104,35 +173,70 @@ def _split_into_empty(x, assign, k, generator):
     return assign
 
 
-def _means(x, assign, k):
-    sums = torch.zeros(k, x.shape[1], device=x.device, dtype=x.dtype).index_add_(0, assign, x)
-    return sums / torch.bincount(assign, minlength=k).clamp(min=1).to(x.dtype)[:, None]
+def kmeans_plusplus(x, k, generator):
+    """Greedy k-means++ seeding (Arthur and Vassilvitskii 2007; greedy as sklearn's default): the first centroid is a
+    uniformly random row of x; each next one is the best of 2 + log(k) candidate rows, each drawn with probability
+    proportional to its squared distance D(x)^2 to the nearest centroid so far, the best being the one that leaves
+    the smallest sum of D^2. (Plain k-means++, one candidate, put two of 10 separated 16-D blobs' starts into one
+    blob in 3 of 10 seeds; the greedy choice avoids most of these.) On x's device, with (N, 2 + log k) distances at a
+    time. Returns (k, D)."""
+    N, trials = x.shape[0], 2 + int(math.log(k))
+    x_sq = (x * x).sum(1)  # (N,)
+
+    def sq_dist(idx):  # (N, len(idx)) squared distances of every row to the rows idx
+        c = x[idx]
+        return (x_sq[:, None] - 2 * x @ c.T + (c * c).sum(1)).clamp(min=0)
+    idx = torch.randint(N, (1,), generator=generator).to(x.device)
+    chosen, d2 = [idx], sq_dist(idx)[:, 0]  # (N,) D(x)^2
+    for _ in range(k - 1):
+        cum = d2.cumsum(0)
+        u = torch.rand(trials, generator=generator).to(x.device, x.dtype) * cum[-1]  # CPU draws: same on any device
+        cand = torch.searchsorted(cum, u, right=True).clamp(max=N - 1)  # (trials,) rows whose D^2 intervals hold u
+        d2_new = torch.minimum(d2[:, None], sq_dist(cand))  # (N, trials): D^2 if each candidate were added
+        best = d2_new.sum(0).argmin(0, keepdim=True)  # (1,)
+        chosen.append(cand[best])
+        d2 = d2_new.index_select(1, best)[:, 0]
+    return x[torch.cat(chosen)].clone()
 
 
 @torch.no_grad()
-def kmeans(x, k, n_iter=20, seed=0, init=None, chunk=None):
-    """k-means by Lloyd's algorithm (paper, eq. 1):
+def kmeans(x, k, n_iter=20, seed=0, init="random", chunk=None):
+    """k-means by Lloyd's algorithm (paper, eq. 2; f_theta(x_n) are the rows of x):
 
-        min_{C in R^{d x k}}  1/N sum_n  min_{y_n in {0,1}^k, y_n^T 1_k = 1}  || x_n - C y_n ||^2
+        min_{C in R^{d x k}}  1/N sum_n  min_{y_n in {0,1}^k, y_n^T 1_k = 1}  || f_theta(x_n) - C y_n ||^2
 
-    Start from k distinct random rows of x (or `init`), then `n_iter` times: assign each row to its nearest
-    centroid, refill empty clusters (see _split_into_empty), move each centroid to the mean of its rows. A last
-    assignment to the final centroids gives the returned ids. Distances are computed `chunk` rows at a time on x's
-    device, so 100k x 256 features with 10k centroids fit. Returns centroids (k, D) and assignments (N,) int64,
-    every cluster non-empty.
+    Start (`init`): "random" = k distinct random rows of x (faiss's start, the paper's; the default),
+    "k-means++" = kmeans_plusplus, or a (k, D) tensor. Then `n_iter` times: assign each row to its nearest centroid,
+    move each centroid to the mean of its rows, give each empty cluster a perturbed copy of a large cluster's
+    centroid (_split_clusters). A last assignment to the final centroids gives the returned ids, with any cluster
+    still empty refilled by _fill_empty. Distances are computed `chunk` rows at a time on x's device, so 100k x 256
+    features with 10k centroids fit. Returns centroids (k, D) and assignments (N,) int64, every cluster non-empty.
+
+    Which start: from random rows, Lloyd's algorithm cannot separate two clusters that got no starting point between
+    them; on data with well-separated clusters (e.g. 10 blobs) it then stays at a local minimum several times the
+    best objective, and k-means++ finds nearly the best. On features without such structure the two end at about
+    the same objective. k-means++ costs k - 1 sequential passes over x (about one Lloyd iteration in arithmetic, but
+    k small steps instead of one large matrix product: slow for k = 10,000 on a CPU); the random start is free.
     """
     N = x.shape[0]
     if not 1 <= k <= N:
         fail(f"k-means needs 1 <= k <= number of points, got k={k} for {N} points")
     g = torch.Generator().manual_seed(seed)  # CPU generator: the same clusters on every device and rank
     chunk = chunk or max(256, 2 ** 24 // k)  # (chunk, k) distance matrix of at most ~64 MB
-    centroids = x[torch.randperm(N, generator=g)[:k].to(x.device)].clone() if init is None else init.to(x).clone()
+    if isinstance(init, torch.Tensor):
+        centroids = init.to(x).clone()
+    elif init == "random":
+        centroids = x[torch.randperm(N, generator=g)[:k].to(x.device)].clone()
+    elif init == "k-means++":
+        centroids = kmeans_plusplus(x, k, g)
+    else:
+        fail(f"k-means init must be 'random', 'k-means++' or a (k, D) tensor, got {init!r}")
     for _ in range(n_iter):
-        assign = _split_into_empty(x, _nearest(x, centroids, chunk), k, g)
-        centroids = _means(x, assign, k)
+        assign = _nearest(x, centroids, chunk)
+        centroids = _split_clusters(_means(x, assign, k), torch.bincount(assign, minlength=k), g)
     assign = _nearest(x, centroids, chunk)
     if torch.bincount(assign, minlength=k).min() == 0:  # rare: refill, and keep centroids = means of their points
-        assign = _split_into_empty(x, assign, k, g)
+        assign = _fill_empty(x, assign, k, g)
         centroids = _means(x, assign, k)
     return centroids, assign
 
@@ -142,13 +246,17 @@ def kmeans_objective(x, centroids, assign):
     return ((x - centroids[assign]) ** 2).sum(1).mean().item()
 
 
-def nmi(a, b):
-    """Normalised mutual information of two labelings (N,) with the arithmetic-mean normalisation:
+def nmi(a, b, average="geometric"):
+    """Normalised mutual information of two labelings (N,), as the paper defines it (average="geometric"):
 
-        NMI(A; B) = I(A; B) / ((H(A) + H(B)) / 2),   I = sum_ij p_ij log(p_ij / (p_i p_j)),  H = -sum_i p_i log p_i
+        NMI(A; B) = I(A; B) / sqrt(H(A) H(B)),   I = sum_ij p_ij log(p_ij / (p_i p_j)),  H = -sum_i p_i log p_i
 
-    1 for identical labelings up to renaming the ids, ~0 for independent ones; 1 if both put everything in one
-    cluster (sklearn's convention). Only the non-zero cells of the contingency table are formed (10k x 10k fits)."""
+    average="arithmetic" divides by (H(A) + H(B)) / 2 instead (sklearn's default since 0.22; lower when the two
+    entropies differ, e.g. 10 classes against 100 clusters). 1 for identical labelings up to renaming the ids, ~0
+    for independent ones; 1 if both put everything in one cluster, 0 if only one does (sklearn's conventions). Only
+    the non-zero cells of the contingency table are formed (10k x 10k fits)."""
+    if average not in ("geometric", "arithmetic"):
+        fail(f"nmi average must be 'geometric' or 'arithmetic', got {average!r}")
     a, b = torch.as_tensor(a).flatten().cpu(), torch.as_tensor(b).flatten().cpu()
     if a.shape != b.shape or a.numel() == 0:
         fail(f"nmi needs two non-empty labelings of the same length, got {a.numel()} and {b.numel()}")
@@ -160,9 +268,12 @@ def nmi(a, b):
     p_i, p_j = torch.bincount(ia).double() / n, torch.bincount(ib).double() / n
     mi = (p_ij * (p_ij / (p_i[cells // nb] * p_j[cells % nb])).log()).sum()
     h_a, h_b = -(p_i * p_i.log()).sum(), -(p_j * p_j.log()).sum()
-    if h_a + h_b == 0:
+    if h_a == 0 and h_b == 0:
         return 1.0
-    return (mi / ((h_a + h_b) / 2)).clamp(0, 1).item()
+    if h_a == 0 or h_b == 0:  # one labeling is a single cluster: no information shared
+        return 0.0
+    norm = (h_a * h_b).sqrt() if average == "geometric" else (h_a + h_b) / 2
+    return (mi / norm).clamp(0, 1).item()
 
 
 def uniform_cluster_sampler(assign, n, generator=None):
@@ -207,7 +318,7 @@ class DeepCluster(nn.Module):
 
 
 def deepcluster_loss(logits, pseudo_labels):
-    """The pseudo-label classification loss (paper, eq. 2), with g_W the top layer and f_theta the network:
+    """The pseudo-label classification loss (paper, eq. 1), with g_W the top layer and f_theta the network:
 
         min_{theta, W}  1/N sum_n  l(g_W(f_theta(x_n)), y_n)      l = multinomial logistic loss (cross-entropy)
 
@@ -263,173 +374,138 @@ def plot_nmi(metrics_path, png_path):
     plt.close(fig)
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ================================================================================================================
+# ALGO LOGIC: DeepCluster's two steps -- cluster the features (once per epoch), then updates on the pseudo-labels
+# ================================================================================================================
+def cluster_step(encoder, split, k, n_samples, seed, args, device, autocast, rank=0, world=1, log=print):
+    """Step 1, once per epoch: features of every training image (eval mode, no augmentation) -> PCA-whitening and L2
+    normalisation -> k-means into k clusters (eq. 2) -> pseudo-labels (the cluster ids) -> n_samples image indices
+    drawn uniformly over the clusters. Under torchrun every rank extracts its shard of the features, rank 0's
+    clustering is broadcast, and every rank draws the same order. Returns the pseudo-labels (N,) and the order
+    (n_samples,), int64 on the CPU, and the k-means objective."""
+    feats = train_features(encoder, split, device, args.feature_batch_size, autocast, args.workers, rank, world, log,
+                           args.log_every)
+    x = preprocess_features(feats, args.pca_dim)  # (N, pca_dim)
+    centroids, assign = kmeans(x, k, args.kmeans_iters, seed=seed, init=args.kmeans_init)
+    if world > 1:  # one clustering for all ranks: rank 0's
+        dist.broadcast(assign, 0)
+    objective = kmeans_objective(x, centroids, assign)
+    assign = assign.cpu()
+    return assign, uniform_cluster_sampler(assign, n_samples, torch.Generator().manual_seed(seed)), objective
+
+
+def train_step(model, v, y, optimizer, top_optimizer, scaler, autocast):
+    """Step 2, one update (eq. 1): augmented images v (B, 3, S, S) and their pseudo-labels y (B,) -> one SGD step of
+    the network (optimizer) and of the top layer (top_optimizer). Returns (loss, pseudo-label accuracy)."""
+    with autocast():
+        logits = model(v).float()  # (B, k); the loss is computed in fp32
+    loss = deepcluster_loss(logits, y)
+    optimizer.zero_grad(set_to_none=True)
+    top_optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.step(top_optimizer)
+    scaler.update()
+    return loss.item(), (logits.argmax(1) == y).float().mean().item()
+
+
+# ================================================================================================================
 def main(argv=None):
     parser, args = get_args(argv)
-    ckpt = common.load_checkpoint(args.resume) if args.resume else None
-    if ckpt is not None:  # continue with the checkpoint's flags, except those given again on the command line
-        if ckpt.get("method") != METHOD:
-            fail(f"{args.resume} is a {ckpt.get('method')} checkpoint, not {METHOD}")
-        given = [t for t in (sys.argv[1:] if argv is None else argv) if t.split("=")[0] != "--resume"]
-        args = common.merge_resume_args(parser, given, args, ckpt["args"])  # (--resume itself: always this one)
-    if args.epochs < 1 or args.batch_size < 2:
-        fail(f"--epochs must be >= 1 and --batch-size >= 2 (got {args.epochs}, {args.batch_size})")
-    if args.pca_dim < 1 or args.kmeans_iters < 1 or args.feature_batch_size < 1:
-        fail(f"--pca-dim, --kmeans-iters and --feature-batch-size must be >= 1 "
-             f"(got {args.pca_dim}, {args.kmeans_iters}, {args.feature_batch_size})")
-    if not 0 < args.crop_min_scale <= 1:
-        fail(f"--crop-min-scale must be in (0, 1], got {args.crop_min_scale}")
-
-    # --- seeding, device, distributed ---
-    device = common.get_device(args.device)
-    rank, world = common.setup_distributed(device)
-    common.seed_everything(args.seed + rank)  # each rank draws its own augmentations
+    args, ckpt = common.resume_checkpoint(parser, argv, args, METHOD)
+    check_args(args)
+    device, rank, world = common.setup_run(args)
     autocast, scaler = common.setup_amp(args.amp, device)
-    if args.batch_size % world:
-        fail(f"--batch-size {args.batch_size} is not divisible by the {world} torchrun processes")
+    fmt = common.memory_format(device, args.channels_last)
     out = common.run_folder(args, METHOD)
     log = common.RunLog(out, args, enabled=rank == 0, start_epoch=ckpt["epoch"] if ckpt else 0)
 
     # --- data ---
     data = common.dataset_from_args(args, log=log.print)
-    if args.train_subset is not None:
-        if not 1 <= args.train_subset <= len(data.train):
-            fail(f"--train-subset must be between 1 and {len(data.train)}, got {args.train_subset}")
-        keep = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(0))[:args.train_subset]
-        data.train = common.Split(data.train.images[keep], data.train.labels[keep], data.train.classes)
-    N = len(data.train)
+    data.train = training_subset(data.train, args.train_subset)
     k = args.k if args.k is not None else 10 * data.num_classes
-    if not 2 <= k <= N:
-        fail(f"--k must be between 2 and the number of training images ({N}), got {k}")
-    if args.batch_size > N:
-        fail(f"batch size {args.batch_size} is larger than the dataset ({N} images)")
-    samples = args.samples_per_epoch or N
-    if samples < args.batch_size:
-        fail(f"--samples-per-epoch {samples} is smaller than --batch-size {args.batch_size}")
-    steps_per_epoch = samples // args.batch_size  # images drawn uniformly over the clusters, full batches
-    labels = data.train.labels
-    has_labels = bool((labels >= 0).all())
-    log.print(f"{data.name}: {N} training images at {data.img_size}px, k-means into {k} clusters, kNN on "
-              f"{len(data.memory)} labelled / {len(data.test)} test images, {data.num_classes} classes; device "
-              f"{device}, {world} process(es); run folder {out}")
+    check_data_args(args, len(data.train), k)
+    steps_per_epoch = (args.samples_per_epoch or len(data.train)) // args.batch_size  # full batches
+    has_labels = bool((data.train.labels >= 0).all())
+    log.print(f"{data.name}: {len(data.train)} training images at {data.img_size}px, k-means into {k} clusters, kNN "
+              f"on {len(data.memory)} labelled / {len(data.test)} test images, {data.num_classes} classes; device "
+              f"{device} ({autocast.dtype or torch.float32}, {fmt}), {world} process(es); run folder {out}")
 
     # --- model, optimizer ---
     bb_kwargs = common.backbone_kwargs(args, data.img_size)
-    encoder = common.build_backbone(args.backbone, **bb_kwargs)
-    model = DeepCluster(encoder, k)
+    model = DeepCluster(common.build_backbone(args.backbone, **bb_kwargs), k)
     if world > 1:
         model = common.convert_sync_batchnorm(model, device)
-    model = model.to(device)
+    model = model.to(device, memory_format=fmt)
     # the network's optimizer lives across epochs; the top layer gets a new one with each new clustering
     optimizer = torch.optim.SGD([p for p in model.encoder.parameters() if p.requires_grad], lr=args.lr,
                                 momentum=args.momentum, weight_decay=args.weight_decay)
-    start_epoch, prev_assign = 0, None
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
-        common.set_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
-        start_epoch, prev_assign = ckpt["epoch"], ckpt["assignments"]
-        log.print(f"resumed from {args.resume} at epoch {start_epoch}, step {ckpt['step']}")
+    start_epoch = common.restore(ckpt, rank, model=model, optimizer=optimizer, scaler=scaler)
+    prev_assign = ckpt["assignments"] if ckpt else None
     train_model = common.compile_model(model, device) if args.compile else model
     if world > 1:
-        train_model = nn.parallel.DistributedDataParallel(train_model, device_ids=[device.index] if device.type == "cuda" else None)
+        train_model = nn.parallel.DistributedDataParallel(
+            train_model, device_ids=[device.index] if device.type == "cuda" else None)
 
     # --- training loop ---
-    knn_top1, t_start, images_seen, metrics = None, time.time(), 0, {}
-    total_steps = (args.epochs - start_epoch) * steps_per_epoch
+    knn_top1, metrics, t_start = None, {}, time.time()
     for epoch in range(start_epoch, args.epochs):
-        # 1. features of every training image, PCA-whitened and L2-normalised, k-means (a new seed every epoch)
-        t_epoch = time.time()
-        feats = train_features(model.encoder, data.train, device, args.feature_batch_size, autocast, args.workers,
-                               rank, world, log.print, args.log_every)
-        x = preprocess_features(feats, args.pca_dim)  # (N, pca_dim)
-        centroids, assign = kmeans(x, k, args.kmeans_iters, seed=args.seed * 100_003 + epoch)
-        if world > 1:  # one clustering for all ranks: rank 0's
-            dist.broadcast(assign, 0)
-        assign = assign.cpu()
-        cluster_loss = kmeans_objective(x, centroids, assign.to(device))
+        # 1. cluster, with this epoch's seed (the same on every rank); a new top layer for the new pseudo-classes
+        t_epoch, seed = time.time(), args.seed * 100_003 + epoch
+        assign, order, cluster_loss = cluster_step(model.encoder, data.train, k, steps_per_epoch * args.batch_size,
+                                                   seed, args, device, autocast, rank, world, log.print)
         sizes = torch.bincount(assign, minlength=k)
-        del feats, x
-        t_cluster = time.time() - t_epoch
         log.print(f"epoch {epoch + 1}: k-means loss {cluster_loss:.4f}, cluster sizes {sizes.min()}..{sizes.max()} "
-                  f"({t_cluster:.0f}s for features + clustering)")
-
-        # 2. a new top layer, N images drawn uniformly over the clusters, train on their cluster ids
-        g = torch.Generator().manual_seed(args.seed * 100_003 + epoch)  # the same on every rank
-        model.reset_top_layer(g)
-        top_optimizer = torch.optim.SGD(model.top_layer.parameters(), lr=args.lr, momentum=args.momentum,
+                  f"({time.time() - t_epoch:.0f}s for features + clustering)")
+        model.reset_top_layer(torch.Generator().manual_seed(seed))
+        top_optimizer = torch.optim.SGD(model.top_layer.parameters(), lr=args.lr, momentum=args.top_momentum,
                                         weight_decay=args.weight_decay)
-        order = uniform_cluster_sampler(assign, steps_per_epoch * args.batch_size, g)
-        batches = order.view(steps_per_epoch, world, -1)[:, rank]  # (steps, batch per rank): this rank's share
+
+        # 2. train on the pseudo-labels, each rank on its share of every batch
+        model.train()
+        batches = order.view(steps_per_epoch, world, -1)[:, rank]  # (steps, batch per rank)
         loader = torch.utils.data.DataLoader(  # Split reads a whole batch of indices at once
             data.train, batch_size=None, sampler=[b.tolist() for b in batches],
             num_workers=0 if data.img_size <= common.SMALL else args.workers, pin_memory=device.type == "cuda")
-        model.train()
         sums = {"loss": 0.0, "acc": 0.0}
-        for step, (xb, _) in enumerate(loader):
+        for step, (x, _) in enumerate(loader):
+            x = x.to(device, non_blocking=True)
             y = assign[batches[step]].to(device, non_blocking=True)  # pseudo-labels
-            xb = xb.to(device, non_blocking=True)
-            with torch.no_grad():
-                v = deepcluster_augment(xb, data.img_size, args.crop_min_scale)
-            with autocast():
-                logits = train_model(v).float()
-            loss = deepcluster_loss(logits, y)
-            optimizer.zero_grad(set_to_none=True)
-            top_optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.step(top_optimizer)
-            scaler.update()
-
-            acc = (logits.argmax(1) == y).float().mean().item()
-            sums["loss"] += loss.item()
+            with torch.no_grad():  # augmented on the device
+                v = deepcluster_augment(x, data.img_size, args.crop_min_scale).contiguous(memory_format=fmt)
+            loss, acc = train_step(train_model, v, y, optimizer, top_optimizer, scaler, autocast)
+            sums["loss"] += loss
             sums["acc"] += acc
-            images_seen += xb.shape[0] * world
-            done = (epoch - start_epoch) * steps_per_epoch + step + 1
-            if (step + 1) % args.log_every == 0 or step + 1 == steps_per_epoch:
-                log.progress(epoch + 1, args.epochs, step + 1, steps_per_epoch, images_seen, done, total_steps,
-                             loss=loss.item(), acc=acc)
+            log.step(epoch, step, steps_per_epoch, x.shape[0] * world, loss=loss, acc=acc)
 
-        # --- end of epoch: kNN monitor, metrics, checkpoint (rank 0) ---
+        # --- end of epoch: kNN monitor, metrics, checkpoint ---
         metrics = {"epoch": epoch + 1, "loss": sums["loss"] / steps_per_epoch,
                    "pseudo_label_acc": sums["acc"] / steps_per_epoch, "clustering_loss": cluster_loss,
                    "nmi_prev": nmi(prev_assign, assign) if prev_assign is not None else None,
-                   "nmi_labels": nmi(labels, assign) if has_labels else None,  # monitor only, never trained on
+                   "nmi_labels": nmi(data.train.labels, assign) if has_labels else None,  # a monitor, never trained on
                    "min_cluster": int(sizes.min()), "max_cluster": int(sizes.max()),
                    "img_per_s": steps_per_epoch * args.batch_size / (time.time() - t_epoch)}
         prev_assign = assign
         if rank == 0 and ((epoch + 1) % args.knn_every == 0 or epoch + 1 == args.epochs):
-            knn_top1 = knn_monitor(model.encoder, data, device, args.knn_k, args.knn_temperature, autocast, args.workers)
-            metrics["knn_top1"] = knn_top1
+            knn_top1 = metrics["knn_top1"] = knn_monitor(model.encoder, data, device, args.knn_k, args.knn_temperature,
+                                                         autocast, args.workers)
+        log.epoch(**metrics)
         if rank == 0:
-            log.epoch(**metrics)
             plot_nmi(os.path.join(out, "metrics.jsonl"), os.path.join(out, "nmi.png"))
-            log.print(" ".join(f"{k_} {v:.4g}" if isinstance(v, float) else f"{k_} {v}" for k_, v in metrics.items()))
-            common.save_checkpoint(
-                os.path.join(out, "last.pt"), method=METHOD, args=vars(args), epoch=epoch + 1,
-                step=(epoch + 1) * steps_per_epoch, backbone={"name": args.backbone, "kwargs": bb_kwargs},
-                encoder=model.encoder.state_dict(), model=model.state_dict(), optimizer=optimizer.state_dict(),
-                scheduler=None, scaler=scaler.state_dict(), rng=common.all_rng_states(world),
-                img_size=data.img_size, data=args.data, metrics=metrics, assignments=assign, k=k)
-        elif world > 1:
-            common.all_rng_states(world)
-        if world > 1:
-            dist.barrier()
+        common.save_training_checkpoint(
+            os.path.join(out, "last.pt"), rank, world, method=METHOD, args=vars(args), epoch=epoch + 1,
+            step=(epoch + 1) * steps_per_epoch, backbone={"name": args.backbone, "kwargs": bb_kwargs},
+            encoder=model.encoder, model=model, optimizer=optimizer, scaler=scaler, img_size=data.img_size,
+            data=args.data, metrics=metrics, assignments=assign, k=k)
 
     # --- summary ---
     wall = time.time() - t_start
-    summary = {"method": METHOD, "data": args.data, "epochs": args.epochs, "k": k, "knn_top1": knn_top1,
-               "nmi_prev": metrics.get("nmi_prev"), "nmi_labels": metrics.get("nmi_labels"),
-               "img_per_s": images_seen / wall if images_seen else None, "wall_time_s": wall, "device": str(device),
-               "world_size": world, "seed": args.seed, "checkpoint": os.path.join(out, "last.pt")}
-    if rank == 0:
-        with open(os.path.join(out, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
-        log.print("summary " + json.dumps(summary))
-    if world > 1:
-        dist.destroy_process_group()
-    return summary
+    return common.finish(out, rank, world, log, {
+        "method": METHOD, "data": args.data, "epochs": args.epochs, "k": k, "knn_top1": knn_top1,
+        "nmi_prev": metrics.get("nmi_prev"), "nmi_labels": metrics.get("nmi_labels"),
+        "img_per_s": log.images / wall if log.images else None, "wall_time_s": wall, "device": str(device),
+        "precision": str(autocast.dtype or torch.float32), "world_size": world, "seed": args.seed,
+        "checkpoint": os.path.join(out, "last.pt")})
 
 
 if __name__ == "__main__":

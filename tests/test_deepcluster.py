@@ -1,33 +1,18 @@
-"""deepcluster.py: k-means, PCA-whitening, NMI, sampler, the script end to end."""
-import hashlib
+"""deepcluster.py: k-means (start, empty clusters), PCA-whitening, NMI, sampler, the script end to end."""
 import json
 import math
 import os
-import pickle
-import socket
-import struct
 import subprocess
 import sys
-import tarfile
-import time
 
 import numpy as np
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
-from PIL import Image
 
-from util import HERE, expect_exit, free_port, random_init_knn, run_script, tmpdir
+from util import HERE, expect_exit, free_port, random_init_knn, run_script
 import common
 import deepcluster
-import imagenet_mnist as im
-import knn_eval
-import simclr
-import visualize
 
 
-# deepcluster.py
-# ================================================================================================================
 # ================================================================================================================
 # DeepCluster: k-means, PCA-whitening, NMI, the uniform-over-clusters sampler
 # ================================================================================================================
@@ -99,7 +84,58 @@ def test_deepcluster_kmeans_never_returns_an_empty_cluster():
     expect_exit(lambda: deepcluster.kmeans(y[:5], 6), "k=6", "5 points")
 
 
-def nmi_reference(a, b):
+def test_deepcluster_kmeans_plusplus_finds_separated_blobs():
+    """10 well-separated blobs (3,000 points, 16-D): from k random points Lloyd's algorithm keeps blobs merged (a
+    local minimum several times the best objective); greedy k-means++ gets within 10% of the objective of the known
+    blob centres for every seed."""
+    g = torch.Generator().manual_seed(0)
+    centers = torch.randn(10, 16, generator=g) * 10
+    labels = torch.arange(3000) % 10
+    x = centers[labels] + torch.randn(3000, 16, generator=g)
+    best = deepcluster.kmeans_objective(x, centers, labels)
+    for seed in range(5):
+        c, a = deepcluster.kmeans(x, 10, n_iter=20, seed=seed, init="k-means++")
+        assert deepcluster.kmeans_objective(x, c, a) < 1.1 * best, seed
+        assert deepcluster.nmi(labels, a) > 0.99
+    random_start = [deepcluster.kmeans_objective(x, *deepcluster.kmeans(x, 10, n_iter=20, seed=s)) for s in range(3)]
+    assert min(random_start) > 2 * best, (random_start, best)  # why k-means++ exists (and is not the default: docs)
+    # the seeding alone: k distinct rows of x, one in each blob, reproducible per seed, on x's device
+    c0 = deepcluster.kmeans_plusplus(x, 10, torch.Generator().manual_seed(3))
+    assert all(r in x.tolist() for r in c0.tolist()) and len({tuple(r) for r in c0.tolist()}) == 10
+    assert sorted(torch.cdist(c0, centers).argmin(1).tolist()) == list(range(10))
+    assert torch.equal(c0, deepcluster.kmeans_plusplus(x, 10, torch.Generator().manual_seed(3)))
+    assert deepcluster.kmeans_plusplus(x.to("meta"), 10, torch.Generator()).device.type == "meta"
+    expect_exit(lambda: deepcluster.kmeans(x, 10, init="kmeans++"), "k-means++")
+
+
+def test_deepcluster_empty_cluster_takes_a_perturbed_copy_as_faiss():
+    """faiss's split_clusters: an empty cluster gets the centroid of a cluster with >= 2 points, both moved apart by
+    a factor 1 +- 1/1024 with alternating signs per dimension; sizes are booked as an even split."""
+    eps, s = 1 / 1024, torch.tensor([1.0, -1, 1, -1, 1])
+    c = torch.randn(4, 5, generator=torch.Generator().manual_seed(0), dtype=torch.double)
+    # sizes (6, 0, 1, 1): only cluster 0 has a point to spare
+    out = deepcluster._split_clusters(c.clone(), torch.tensor([6, 0, 1, 1]), torch.Generator().manual_seed(0))
+    assert torch.allclose(out[1], c[0] * (1 + eps * s)) and torch.allclose(out[0], c[0] * (1 - eps * s))
+    assert torch.equal(out[2:], c[2:])
+    # sizes (3, 0, 0, 1): cluster 0 is split for cluster 1 (sizes 2, 1), then again for cluster 2
+    out = deepcluster._split_clusters(c.clone(), torch.tensor([3, 0, 0, 1]), torch.Generator().manual_seed(0))
+    assert torch.allclose(out[1], c[0] * (1 + eps * s)) and torch.allclose(out[2], c[0] * (1 - eps * s) * (1 + eps * s))
+    assert torch.allclose(out[0], c[0] * (1 - eps * s) ** 2) and torch.equal(out[3], c[3])
+    # in k-means: centroids started far from the data leave 5 clusters empty after the first assignment; the split
+    # alone refills them (the final _fill_empty, for identical points, is not needed here)
+    g = torch.Generator().manual_seed(0)
+    y = torch.randn(500, 4, generator=g)
+    init = torch.cat([torch.zeros(1, 4), torch.full((5, 4), 1e3)])
+    fill_empty = deepcluster._fill_empty
+    deepcluster._fill_empty = None  # calling it would raise
+    try:
+        _, a = deepcluster.kmeans(y, 6, n_iter=10, init=init)
+    finally:
+        deepcluster._fill_empty = fill_empty
+    assert torch.bincount(a, minlength=6).min() >= 1
+
+
+def nmi_reference(a, b, average):
     """NMI from the definition, with plain Python counting."""
     n = len(a)
     pa = {u: a.count(u) / n for u in set(a)}
@@ -110,29 +146,43 @@ def nmi_reference(a, b):
     mi = sum(p * math.log(p / (pa[u] * pb[v])) for (u, v), p in pab.items())
     ha = -sum(p * math.log(p) for p in pa.values())
     hb = -sum(p * math.log(p) for p in pb.values())
-    return mi / ((ha + hb) / 2)
+    return mi / (math.sqrt(ha * hb) if average == "geometric" else (ha + hb) / 2)
 
 
 def test_deepcluster_nmi_values():
     nmi = deepcluster.nmi
     # by hand: H(a) = ln 2, H(b) = -(3/4 ln 3/4 + 1/4 ln 1/4), I = 1/2 ln 4/3 + 1/4 ln 2/3 + 1/4 ln 2
     a, b = [0, 0, 1, 1], [0, 0, 0, 1]
-    hand = (0.5 * math.log(4 / 3) + 0.25 * math.log(2 / 3) + 0.25 * math.log(2)) / (
-        (math.log(2) - 0.75 * math.log(0.75) - 0.25 * math.log(0.25)) / 2)
-    assert abs(nmi(a, b) - hand) < 1e-9 and abs(hand - 0.34371) < 1e-4
+    mi, ha, hb = (0.5 * math.log(4 / 3) + 0.25 * math.log(2 / 3) + 0.25 * math.log(2), math.log(2),
+                  -0.75 * math.log(0.75) - 0.25 * math.log(0.25))
+    assert abs(nmi(a, b) - mi / math.sqrt(ha * hb)) < 1e-9 and abs(nmi(a, b) - 0.34559) < 1e-4  # the paper's
+    assert abs(nmi(a, b, average="arithmetic") - mi / ((ha + hb) / 2)) < 1e-9
+    assert abs(nmi(a, b, average="arithmetic") - 0.34371) < 1e-4
     g = torch.Generator().manual_seed(0)
     x = torch.randint(7, (3000,), generator=g)
-    assert abs(nmi(x, x) - 1) < 1e-9
-    assert abs(nmi(x, torch.randperm(7, generator=g)[x] + 100) - 1) < 1e-9  # renaming the ids changes nothing
-    assert nmi(x, torch.randint(5, (3000,), generator=g)) < 0.01  # independent labelings
-    assert nmi([3, 3, 3], [1, 1, 1]) == 1.0 and nmi([3, 3, 3], [1, 2, 1]) == 0.0
-    for n, ka, kb in [(10, 3, 4), (200, 5, 9), (57, 1, 6)]:
-        u, v = torch.randint(ka, (n,), generator=g).tolist(), torch.randint(kb, (n,), generator=g).tolist()
-        u[0], v[0] = 99, 99  # ids need not be 0..k-1
-        if len(set(u)) > 1 or len(set(v)) > 1:
-            assert abs(nmi(u, v) - nmi_reference(u, v)) < 1e-9, (n, ka, kb)
-        assert abs(nmi(u, v) - nmi(v, u)) < 1e-12
+    for average in ("geometric", "arithmetic"):
+        assert abs(nmi(x, x, average=average) - 1) < 1e-9
+        assert abs(nmi(x, torch.randperm(7, generator=g)[x] + 100, average=average) - 1) < 1e-9  # renamed ids
+        assert nmi(x, torch.randint(5, (3000,), generator=g), average=average) < 0.01  # independent labelings
+        assert nmi([3, 3, 3], [1, 1, 1], average=average) == 1.0
+        assert nmi([3, 3, 3], [1, 2, 1], average=average) == nmi([1, 2, 1], [3, 3, 3], average=average) == 0.0
+        for n, ka, kb in [(10, 3, 4), (200, 5, 9), (57, 2, 6)]:
+            u, v = torch.randint(ka, (n,), generator=g).tolist(), torch.randint(kb, (n,), generator=g).tolist()
+            u[0], v[0] = 99, 99  # ids need not be 0..k-1
+            assert abs(nmi(u, v, average=average) - nmi_reference(u, v, average)) < 1e-9, (n, ka, kb, average)
+            assert abs(nmi(u, v, average=average) - nmi(v, u, average=average)) < 1e-12
+    # 10 classes against 100 clusters (each class split in 10, 40% of the points moved to a random cluster): the
+    # entropies differ, and so do the two normalisations; the default is the paper's geometric mean
+    labels = torch.randint(10, (5000,), generator=g)
+    clusters = labels * 10 + torch.randint(10, (5000,), generator=g)
+    moved = torch.rand(5000, generator=g) < 0.4
+    clusters[moved] = torch.randint(100, (int(moved.sum()),), generator=g)
+    u, v = labels.tolist(), clusters.tolist()
+    geo, ari = nmi(u, v), nmi(u, v, average="arithmetic")
+    assert abs(geo - nmi_reference(u, v, "geometric")) < 1e-9 and abs(ari - nmi_reference(u, v, "arithmetic")) < 1e-9
+    assert geo > ari + 0.01, (geo, ari)  # measured 0.2928 vs 0.2761
     expect_exit(lambda: nmi([0, 1], [0, 1, 2]), "same length")
+    expect_exit(lambda: nmi([0, 1], [0, 1], average="max"), "geometric", "arithmetic")
 
 
 def test_deepcluster_pca_whiten_identity_covariance():
@@ -178,33 +228,70 @@ def test_deepcluster_sampler_uniform_over_clusters():
 # ================================================================================================================
 # DeepCluster: the script
 # ================================================================================================================
-def test_deepcluster_bad_input_errors():
-    d = tmpdir()
-    base = ["--data", "shapes", "--shapes-n", "64", "16", "--width", "4", "--device", "cpu", "--out", d,
+def test_deepcluster_bad_input_errors(tmp_path):
+    """Every bad flag stops with one line `error: ...` (exit status 1) that names it."""
+    base = ["--data", "shapes", "--shapes-n", "64", "16", "--width", "4", "--device", "cpu", "--out", str(tmp_path),
             "--batch-size", "32", "--k", "8"]
-    expect_exit(lambda: deepcluster.main(base + ["--epochs", "0"]), "--epochs")
-    expect_exit(lambda: deepcluster.main(base[:-2]), "--k", "got 100")  # default k = 10 x 10 classes > 64 images
-    expect_exit(lambda: deepcluster.main(base + ["--k", "1"]), "--k", "64")
-    expect_exit(lambda: deepcluster.main(base + ["--k", "65"]), "--k", "65")
-    expect_exit(lambda: deepcluster.main(base + ["--batch-size", "128"]), "larger than the dataset")
-    expect_exit(lambda: deepcluster.main(base + ["--pca-dim", "0"]), "--pca-dim")
-    expect_exit(lambda: deepcluster.main(base + ["--samples-per-epoch", "10", "--batch-size", "32"]),
-                "--samples-per-epoch 10")
-    expect_exit(lambda: deepcluster.main(base + ["--crop-min-scale", "0"]), "--crop-min-scale")
-    expect_exit(lambda: deepcluster.main(base + ["--data", "no-such-set"]), "unknown dataset")
-    expect_exit(lambda: deepcluster.main(base + ["--width", "0"]), "--width")
-    expect_exit(lambda: deepcluster.main(base + ["--resume", os.path.join(d, "missing.pt")]), "checkpoint not found")
-    torch.save({"format": common.CKPT_FORMAT, "method": "simclr", "args": {}}, os.path.join(d, "s.pt"))
-    expect_exit(lambda: deepcluster.main(base + ["--resume", os.path.join(d, "s.pt")]), "simclr checkpoint")
+    torch.save({"format": common.CKPT_FORMAT, "method": "simclr", "args": {}}, tmp_path / "s.pt")
+    cases = [  # (extra flags, words the error line must contain)
+        (["--epochs", "0"], ["--epochs"]),
+        (["--k", "1"], ["--k", "64"]),
+        (["--k", "65"], ["--k", "65"]),
+        (["--batch-size", "128"], ["larger than the dataset"]),
+        (["--pca-dim", "0"], ["--pca-dim"]),
+        (["--kmeans-iters", "0"], ["--kmeans-iters"]),
+        (["--feature-batch-size", "0"], ["--feature-batch-size"]),
+        (["--samples-per-epoch", "10"], ["--samples-per-epoch 10"]),
+        (["--train-subset", "0"], ["--train-subset", "64"]),
+        (["--train-subset", "65"], ["--train-subset", "64"]),
+        (["--crop-min-scale", "0"], ["--crop-min-scale"]),
+        (["--lr", "0"], ["--lr"]),
+        (["--momentum", "1"], ["--momentum"]),
+        (["--top-momentum", "-0.1"], ["--top-momentum"]),
+        (["--weight-decay", "-1"], ["--weight-decay"]),
+        (["--knn-every", "0"], ["--knn-every"]),
+        (["--data", "no-such-set"], ["unknown dataset"]),
+        (["--width", "0"], ["--width"]),
+        (["--resume", str(tmp_path / "missing.pt")], ["checkpoint not found"]),
+        (["--resume", str(tmp_path / "s.pt")], ["simclr checkpoint"]),
+    ]
     if not torch.cuda.is_available():
-        expect_exit(lambda: deepcluster.main(base + ["--amp", "fp16"]), "--amp fp16 needs a CUDA device")
-    r = run_script("deepcluster.py", "--data", "/no/such/folder", "--device", "cpu", "--out", d)
+        cases.append((["--amp", "fp16"], ["--amp fp16 needs a CUDA device"]))
+    for extra, words in cases:
+        expect_exit(lambda: deepcluster.main(base + extra), *words)
+    expect_exit(lambda: deepcluster.main(base[:-2]), "--k", "got 100")  # default k = 10 x 10 classes > 64 images
+    r = run_script("deepcluster.py", "--data", "/no/such/folder", "--device", "cpu", "--out", str(tmp_path))
     assert r.returncode == 1 and r.stderr.strip() == "error: dataset folder not found: /no/such/folder", r.stderr
 
 
-def test_deepcluster_resume_continues_exactly():
+def test_deepcluster_top_layer_is_trained_by_sgd_without_momentum(tmp_path):
+    """As the reference code: the top layer, re-initialised every epoch, gets a new plain SGD (momentum 0); the
+    network keeps its SGD with --momentum 0.9. --top-momentum changes the top layer's only."""
+    made = []
+
+    class RecordingSGD(torch.optim.SGD):
+        def __init__(self, params, *a, **kw):
+            super().__init__(params, *a, **kw)
+            made.append(self)
+    base = ["--data", "shapes", "--shapes-n", "64", "16", "--width", "4", "--batch-size", "32", "--k", "4",
+            "--pca-dim", "8", "--epochs", "2", "--knn-every", "2", "--device", "cpu", "--log-every", "1000"]
+    sgd, torch.optim.SGD = torch.optim.SGD, RecordingSGD
+    try:
+        for extra, top_momentum in [([], 0.0), (["--top-momentum", "0.5"], 0.5)]:
+            made.clear()
+            deepcluster.main(base + extra + ["--out", str(tmp_path / str(top_momentum))])
+            top = [o for o in made if sum(len(g["params"]) for g in o.param_groups) == 2]  # weight and bias
+            net = [o for o in made if o not in top]
+            assert len(top) == 2 and len(net) == 1, made  # one top-layer optimiser per epoch
+            assert all(g["momentum"] == top_momentum for o in top for g in o.param_groups), extra
+            assert [g["momentum"] for g in net[0].param_groups] == [0.9]
+    finally:
+        torch.optim.SGD = sgd
+
+
+def test_deepcluster_resume_continues_exactly(tmp_path):
     """2 epochs in one go == 1 epoch, then --resume for the second (same clusters, losses, NMI and weights)."""
-    d1, d2 = tmpdir(), tmpdir()
+    d1, d2 = str(tmp_path / "whole"), str(tmp_path / "resumed")
     base = ["--data", "shapes", "--shapes-n", "96", "32", "--width", "4", "--batch-size", "32", "--k", "6",
             "--device", "cpu", "--knn-every", "1", "--log-every", "1000"]
     deepcluster.main(base + ["--epochs", "2", "--out", d1])
@@ -225,11 +312,11 @@ def test_deepcluster_resume_continues_exactly():
     assert isinstance(enc, common.AlexNet) and enc.sobel is not None and ckpt["k"] == 6
 
 
-def test_deepcluster_torchrun_two_processes_on_cpu():
+def test_deepcluster_torchrun_two_processes_on_cpu(tmp_path):
     """torchrun with 2 gloo processes: each rank extracts features for its shard, the all-gathered features are
     clustered once, and the first epoch's clustering equals the one-process run's (same initial weights, same
     features, same k-means seed); then both ranks train on their halves of the pseudo-labelled batches."""
-    d1, d2 = tmpdir(), tmpdir()
+    d1, d2 = str(tmp_path / "one"), str(tmp_path / "two")
     base = ["--data", "shapes", "--shapes-n", "130", "40", "--epochs", "1", "--width", "4", "--batch-size", "32",
             "--k", "6", "--pca-dim", "16", "--feature-batch-size", "16", "--device", "cpu", "--log-every", "1000"]
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port",
@@ -247,14 +334,17 @@ def test_deepcluster_torchrun_two_processes_on_cpu():
     assert len(c2["rng"]) == 2 and c2["step"] == 4  # 130 images // 32 per step
 
 
-def test_deepcluster_resnet_backbone_and_no_sobel():
+def test_deepcluster_resnet_backbone_and_no_sobel(tmp_path):
     """The other backbones: a ResNet-18 (its pooled features are clustered and trained on) and the AlexNet without
-    its Sobel layer (RGB input); each run finishes and its checkpoint rebuilds the right encoder."""
+    its Sobel layer (RGB input), and the k-means++ start; each run finishes and its checkpoint rebuilds the right
+    encoder."""
     base = ["--data", "shapes", "--shapes-n", "64", "32", "--epochs", "1", "--batch-size", "32", "--k", "4",
             "--pca-dim", "8", "--device", "cpu", "--log-every", "1000", "--width", "4"]
-    for extra, check in [(["--backbone", "resnet18"], lambda e: isinstance(e, common.ResNet) and e.feature_dim == 32),
-                         (["--no-sobel"], lambda e: isinstance(e, common.AlexNet) and e.sobel is None)]:
-        d = tmpdir()
+    for i, (extra, check) in enumerate([
+            (["--backbone", "resnet18"], lambda e: isinstance(e, common.ResNet) and e.feature_dim == 32),
+            (["--no-sobel"], lambda e: isinstance(e, common.AlexNet) and e.sobel is None),
+            (["--kmeans-init", "k-means++"], lambda e: isinstance(e, common.AlexNet) and e.sobel is not None)]):
+        d = str(tmp_path / str(i))
         s = deepcluster.main(base + extra + ["--out", d])
         enc, ckpt = common.load_encoder(os.path.join(d, "last.pt"))
         assert check(enc), extra
@@ -263,13 +353,13 @@ def test_deepcluster_resnet_backbone_and_no_sobel():
         assert enc.eval()(x).shape == (2, enc.feature_dim)
 
 
-def test_deepcluster_learns_its_task_on_shapes():
+def test_deepcluster_learns_its_task_on_shapes(tmp_path):
     """End to end on the synthetic shapes, on the CPU: the network learns to predict its own clusters (pseudo-label
     accuracy well above chance 1/k), the clusters stabilise across epochs (NMI(t-1, t) rises), none is empty, and the
     representation classifies shapes clearly better than the random-init Sobel AlexNet of the same width: weighted-kNN
     top-1 at least 7 points above (measured: 67.7% vs 53.3% with one thread).
     Small-budget settings: a small PCA (fc7 has only 512 dimensions at width 8) and 3 x N images per clustering."""
-    d = tmpdir()
+    d = str(tmp_path)
     s = deepcluster.main(["--data", "shapes", "--shapes-n", "1000", "300", "--width", "8", "--epochs", "6",
                           "--batch-size", "32", "--k", "20", "--pca-dim", "32", "--samples-per-epoch", "3000",
                           "--crop-min-scale", "0.3", "--knn-every", "6", "--device", "cpu", "--out", d,
