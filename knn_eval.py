@@ -219,9 +219,10 @@ class AlexNetLayers(nn.Module):
     def __init__(self, alexnet, img_size, layer_dim=1024):
         super().__init__()
         self.net, self.layer_dim = alexnet, layer_dim
+        probe = torch.zeros(1, 3, img_size, img_size, device=next(alexnet.parameters()).device)  # the encoder's device
         with torch.no_grad():
             was = alexnet.training
-            self.sizes = [f.shape[1] for f in self.forward_list(torch.zeros(1, 3, img_size, img_size), alexnet.eval())]
+            self.sizes = [f.shape[1] for f in self.forward_list(probe, alexnet.eval())]
             alexnet.train(was)
         self.feature_dim = sum(self.sizes)
 

@@ -133,6 +133,23 @@ def test_knn_eval_alexnet_layer_probe_shapes_32_and_224():
         assert torch.allclose(out[:, start:start + layers.sizes[2]], F.adaptive_avg_pool2d(maps[2], p).flatten(1))
 
 
+def test_knn_eval_setup_follows_the_encoder_device():
+    """Issue 11 defect 1: every tensor knn_eval creates follows the encoder's device. With the encoder on `meta`
+    (a non-CPU device on any machine), the per-layer probe set-up (its probe pass), the input check, the supervised
+    baseline's augmentation and the neighbour votes run, and their outputs stay on `meta`."""
+    meta = torch.device("meta")
+    cpu_sizes = knn_eval.AlexNetLayers(common.build_backbone("alexnet", width=4, small=True), 32, 64).sizes
+    net = common.build_backbone("alexnet", width=4, small=True).to(meta)
+    layers = knn_eval.AlexNetLayers(net, 32, layer_dim=64)  # crashed: its probe batch was built on the CPU
+    assert layers.sizes == cpu_sizes
+    out = layers(torch.zeros(2, 3, 32, 32, device=meta))
+    assert out.device == meta and out.shape == (2, sum(cpu_sizes))
+    knn_eval.check_input_fits(net, 3, 32, "--data x")
+    assert knn_eval.light_augment(torch.rand(4, 3, 16, 16, device=meta), 16).device == meta
+    sim, idx = knn_eval.knn_neighbours(torch.randn(50, 8, device=meta), torch.randn(5, 8, device=meta), 10)
+    assert knn_eval.knn_votes(sim, idx, torch.randint(0, 3, (50,), device=meta), 3, 10, 0.1).device == meta
+
+
 def _ckpt(d, name="resnet18", **kw):
     torch.manual_seed(0)
     enc = common.build_backbone(name, **kw)
