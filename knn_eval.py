@@ -1,7 +1,7 @@
 """Judge a learned representation: the standard evaluation protocols, on any checkpoint of this project.
 
   1. weighted kNN   -- InstDisc (Wu et al. 2018, https://arxiv.org/abs/1805.01978), the MoCo / SimCLR monitor
-  2. 1-NN           -- nearest neighbour by cosine similarity
+  2. 1-NN           -- the same with k = 1: the label of the most cosine-similar training image
   3. linear probe   -- logistic regression on frozen, standardised features, L2 strength chosen on held-out
                        training images (the linear evaluation protocol of e.g. SimCLR, https://arxiv.org/abs/2002.05709)
   4. few-shot probe -- the same with 10, 20, 50, 100, 200, 500 labelled images per class
@@ -10,14 +10,15 @@
   6. supervised     -- the same backbone trained from scratch on the labels only (what pre-training buys)
 
 Features are extracted once per (encoder, split), in eval mode (BatchNorm statistics frozen), without augmentation,
-and every protocol reuses them. The result is one markdown table, also written as JSON.
+and every protocol reuses them. Each protocol is one function (eval_knn, eval_linear, eval_fewshot, eval_layers,
+eval_supervised) that returns rows of the result: one markdown table, also written as JSON.
 
+    python knn_eval.py --random-init --data shapes --shapes-n 2000 500 --width 8 --device cpu   # offline, ~20 s CPU
     python knn_eval.py --ckpt runs/simclr-cifar10/last.pt                        # the data it was trained on
     python knn_eval.py --random-init --backbone resnet18 --width 16 --data cifar10    # untrained baseline
     python knn_eval.py --pixels --data cifar10                                       # raw-pixel baseline
     python knn_eval.py --ckpt runs/simclr-imagenette/last.pt --data cifar10          # transfer (resized to 128 px)
     python knn_eval.py --supervised --labels-per-class 100 --data cifar10 --width 16 # supervised from scratch
-    python knn_eval.py --random-init --data shapes --shapes-n 2000 500 --width 8 --device cpu   # offline, ~20 s CPU
 """
 import argparse
 import json
@@ -39,7 +40,8 @@ PROTOCOLS = ["knn", "1nn", "linear", "fewshot", "layers"]
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="Evaluate an encoder: weighted kNN, 1-NN, linear and few-shot probes, "
-                                "AlexNet layer probes, supervised baseline",
+                                "AlexNet layer probes, supervised baseline. A flag that would not act in this run "
+                                "(e.g. --k without the knn protocol) is an error.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--ckpt", help="checkpoint of any script of this project (its encoder is evaluated)")
@@ -53,10 +55,12 @@ def get_args(argv=None):
     p.add_argument("--temperature", type=float, default=0.1, help="weighted kNN: vote weight exp(s / temperature)")
     p.add_argument("--shots", default=",".join(map(str, SHOTS)), help="few-shot probe: labelled images per class")
     p.add_argument("--l2-grid", default="1e-6,1e-5,1e-4,1e-3,1e-2,1e-1",
-                   help="linear probe: L2 strengths tried on the held-out part of the training split")
+                   help="linear, few-shot and layer probes: L2 strengths tried on the held-out part of the training "
+                   "split")
     p.add_argument("--val-fraction", type=float, default=0.1,
-                   help="linear probe: fraction of each class held out to choose the L2 strength")
-    p.add_argument("--probe-steps", type=int, default=100, help="linear probe: L-BFGS iterations (full batch)")
+                   help="linear, few-shot and layer probes: fraction of each class held out to choose the L2 strength")
+    p.add_argument("--probe-steps", type=int, default=100,
+                   help="linear, few-shot and layer probes: L-BFGS iterations (full batch)")
     p.add_argument("--layer-dim", type=int, default=1024,
                    help="layer probes: each conv map is average-pooled to a grid of about this many features")
     p.add_argument("--mlp-epochs", type=int, default=30, help="MLP probe on frozen AlexNet conv features: epochs")
@@ -70,6 +74,64 @@ def get_args(argv=None):
     common.add_common_args(p, backbone="resnet18", training=False)
     p.set_defaults(data=None)  # --ckpt: the checkpoint's data; otherwise shapes
     return p, p.parse_args(argv)
+
+
+def given_flags(parser, argv=None):
+    """The dests of the flags written on the command line (as opposed to left at their defaults)."""
+    argv = sys.argv[1:] if argv is None else argv
+    return {a.dest for a in parser._actions for tok in argv if tok.split("=")[0] in a.option_strings}
+
+
+def check_args(args):
+    """Parse --protocols, --shots and --l2-grid into lists (in place) and check every value, before anything loads."""
+    args.protocols = [p for p in args.protocols.split(",") if p]
+    if not args.protocols or set(args.protocols) - set(PROTOCOLS):
+        fail(f"--protocols: got {sorted(set(args.protocols) - set(PROTOCOLS)) or 'none'}; expected some of "
+             f"{','.join(PROTOCOLS)}")
+    try:
+        args.shots, args.l2_grid = ([int(s) for s in args.shots.split(",") if s],
+                                    [float(s) for s in args.l2_grid.split(",") if s])
+    except ValueError:
+        fail(f"--shots and --l2-grid must be comma-separated numbers (got '{args.shots}', '{args.l2_grid}')")
+    for bad, need in [(args.k < 1, "--k >= 1"), (args.temperature <= 0, "--temperature > 0"),
+                      (not args.shots or min(args.shots) < 1, "--shots >= 1"),
+                      (not args.l2_grid or min(args.l2_grid) < 0, "a non-empty --l2-grid of values >= 0"),
+                      (not 0 < args.val_fraction < 1, "0 < --val-fraction < 1"),
+                      (args.probe_steps < 1, "--probe-steps >= 1"), (args.layer_dim < 1, "--layer-dim >= 1"),
+                      (args.mlp_epochs < 1, "--mlp-epochs >= 1"), (args.mlp_hidden < 1, "--mlp-hidden >= 1"),
+                      (args.labels_per_class is not None and args.labels_per_class < 1, "--labels-per-class >= 1"),
+                      (args.sup_steps < 1, "--sup-steps >= 1"), (args.sup_batch_size < 1, "--sup-batch-size >= 1"),
+                      (args.sup_lr <= 0, "--sup-lr > 0"), (args.batch_size < 1, "--batch-size >= 1")]:
+        if bad:
+            fail(f"need {need}")
+
+
+def check_flags_act(args, given, backbone):
+    """Every flag written on the command line must act in this run; stop with an error naming the flag otherwise
+    (e.g. --k without the knn protocol, --width with --ckpt, whose encoder the checkpoint describes)."""
+    runs = set(args.protocols) if backbone == "alexnet" else set(args.protocols) - {"layers"}
+    if "protocols" in given and "layers" in args.protocols and backbone != "alexnet":
+        fail(f"--protocols layers: the per-layer probes need an AlexNet encoder, this one is {backbone}")
+    probes = (bool(runs & {"linear", "fewshot", "layers"}), "the linear, fewshot or layers protocol")
+    builds = args.random_init or args.supervised
+    acts = {  # flag: (does it act in this run?, where it acts)
+        "k": ("knn" in runs, "the knn protocol"), "temperature": ("knn" in runs, "the knn protocol"),
+        "shots": ("fewshot" in runs, "the fewshot protocol"),
+        "l2_grid": probes, "val_fraction": probes, "probe_steps": probes,
+        **dict.fromkeys(["layer_dim", "mlp_epochs", "mlp_hidden"], ("layers" in runs, "the layers protocol (AlexNet)")),
+        **dict.fromkeys(["labels_per_class", "sup_steps", "sup_batch_size", "sup_lr", "log_every"],
+                        (args.supervised, "--supervised")),
+        **dict.fromkeys(["backbone", "width"],
+                        (builds, "--random-init or --supervised (a checkpoint names its own encoder)")),
+        "no_sobel": (builds and args.backbone == "alexnet", "an AlexNet of --random-init or --supervised"),
+        **dict.fromkeys(["amp", "channels_last"], (not args.pixels, "an encoder (not --pixels)")),
+        "shapes_n": (args.data == "shapes", "--data shapes"),
+        "imagenette_size": (args.data == "imagenette", "--data imagenette"),
+        "data_dir": (args.data != "shapes", "data that is downloaded or read from a folder (not shapes)"),
+    }
+    for dest, (acts_here, where) in acts.items():
+        if dest in given and not acts_here:
+            fail(f"--{dest.replace('_', '-')} does nothing in this run: it acts only with {where}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -96,28 +158,16 @@ def knn_votes(sim, idx, train_labels, num_classes, k, temperature):
     return votes.scatter_add_(1, train_labels[idx], (sim / temperature).exp())
 
 
-@torch.no_grad()
 def knn_scores(train_feats, train_labels, test_feats, num_classes, k=200, temperature=0.1, chunk=1024):
     """Class scores (Nq, C) of the weighted kNN: cosine similarity s on L2-normalised features, the k most similar
-    training images vote for their class with weight exp(s / temperature) (Wu et al. 2018). Runs in chunks of
-    `chunk` queries on the features' device, so 50,000 x 10,000 fits in memory."""
-    train = F.normalize(train_feats.float(), dim=1)  # (Nt, D)
-    k = min(k, train.shape[0])
-    scores = []
-    for q in F.normalize(test_feats.float(), dim=1).split(chunk):  # q: (B, D)
-        sim, idx = (q @ train.T).topk(k, dim=1)  # (B, k)
-        scores.append(knn_votes(sim, idx, train_labels, num_classes, k, temperature))
-    return torch.cat(scores)
+    training images vote for their class with weight exp(s / temperature) (Wu et al. 2018)."""
+    sim, idx = knn_neighbours(train_feats, test_feats, k, chunk)  # (Nq, k) each
+    return knn_votes(sim, idx, train_labels, num_classes, k, temperature)
 
 
 def knn_predict(train_feats, train_labels, test_feats, num_classes, k=200, temperature=0.1):
     """Predicted labels (Nq,) of the weighted kNN classifier (see knn_scores)."""
     return knn_scores(train_feats, train_labels, test_feats, num_classes, k, temperature).argmax(1)
-
-
-def nn1_predict(train_feats, train_labels, test_feats):
-    """1-NN: the label of the most cosine-similar training feature."""
-    return train_labels[knn_neighbours(train_feats, test_feats, 1)[1][:, 0]]
 
 
 def knn_monitor(encoder, data, device, k=200, temperature=0.1, autocast=None, workers=0):
@@ -133,6 +183,22 @@ def topk_accuracy(scores, labels, ks=(1, 5)):
     top = scores.topk(min(max(ks), scores.shape[1]), dim=1).indices  # (N, kmax)
     hit = top == labels[:, None]
     return [hit[:, :k].any(1).float().mean().item() * 100 if k < scores.shape[1] or k == 1 else None for k in ks]
+
+
+def eval_knn(train, train_y, test, test_y, num_classes, args):
+    """Protocols 1 and 2 from one similarity pass: the weighted kNN (--k, --temperature) and the 1-NN, which is the
+    same vote with k = 1. train, test: features (N, D); *_y: labels (N,). Returns the result rows."""
+    k = args.k if "knn" in args.protocols else 1
+    sim, idx = knn_neighbours(train, test, k)  # (Nq, k), most similar first
+    rows = []
+    if "knn" in args.protocols:
+        top1, top5 = topk_accuracy(knn_votes(sim, idx, train_y, num_classes, k, args.temperature), test_y)
+        rows.append({"protocol": "weighted kNN", "setting": f"k={min(k, len(train_y))}, τ={args.temperature}, cosine",
+                     "top1": top1, "top5": top5})
+    if "1nn" in args.protocols:  # one vote exp(s / 1) > 0 (with τ = 1 it cannot underflow to a tie at zero)
+        top1 = topk_accuracy(knn_votes(sim, idx, train_y, num_classes, 1, 1.0), test_y, (1,))[0]
+        rows.append({"protocol": "1-NN", "setting": "cosine", "top1": top1, "top5": None})
+    return rows
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -162,25 +228,25 @@ def fit_logreg(x, y, num_classes, l2, steps=100):
 def per_class_indices(labels, n_per_class, seed=0, num_classes=None):
     """Exactly n_per_class indices of each class, drawn with a fixed seed (the same seed gives the same subset).
     Returns sorted indices, or None if a class has fewer images."""
-    g = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)  # on the CPU: the same subset on every device
     labels = labels.cpu()
     out = []
     for c in range(num_classes or int(labels.max()) + 1):
         of_c = (labels == c).nonzero()[:, 0]
         if len(of_c) < n_per_class:
             return None
-        out.append(of_c[torch.randperm(len(of_c), generator=g)[:n_per_class]])
+        out.append(of_c[torch.randperm(len(of_c), generator=gen)[:n_per_class]])
     return torch.cat(out).sort().values
 
 
 def heldout_split(labels, fraction, seed=0):
     """(train, val) indices: a seeded `fraction` of each class (at least one image if it has two) is held out."""
-    g = torch.Generator().manual_seed(seed + 1)
+    gen = torch.Generator().manual_seed(seed + 1)
     labels = labels.cpu()
     tr, va = [], []
     for c in labels.unique():
         of_c = (labels == c).nonzero()[:, 0]
-        of_c = of_c[torch.randperm(len(of_c), generator=g)]
+        of_c = of_c[torch.randperm(len(of_c), generator=gen)]
         n_val = max(1, round(fraction * len(of_c))) if len(of_c) > 1 else 0
         va.append(of_c[:n_val])
         tr.append(of_c[n_val:])
@@ -207,6 +273,32 @@ def linear_probe(train_x, train_y, test_x, test_y, num_classes, l2_grid, val_fra
     lin = fit_logreg(tx, train_y, num_classes, best, steps)
     top1, top5 = topk_accuracy(lin(qx), test_y)
     return top1, top5, best
+
+
+def eval_linear(train, train_y, test, test_y, num_classes, args):
+    """Protocol 3: the linear probe on every labelled training image. Returns the result rows."""
+    top1, top5, l2 = linear_probe(train, train_y, test, test_y, num_classes, args.l2_grid, args.val_fraction,
+                                  args.probe_steps, args.seed)
+    return [{"protocol": "linear probe", "setting": f"all {len(train_y)} labels, L2 {l2:g} (chosen on "
+             f"{args.val_fraction:.0%} held out)", "top1": top1, "top5": top5, "l2": l2}]
+
+
+def eval_fewshot(train, train_y, test, test_y, num_classes, args):
+    """Protocol 4: the linear probe on --shots labelled images per class (seeded subsets; a size that a class cannot
+    fill is skipped), standardised with the statistics of every training image (they need no labels)."""
+    mean, std = train.mean(0), train.std(0)
+    rows = []
+    for n in args.shots:
+        sub = per_class_indices(train_y, n, args.seed, num_classes)
+        if sub is None:
+            print(f"few-shot {n} labels/class skipped: a class has fewer labelled images", flush=True)
+            continue
+        sub = sub.to(train.device)
+        top1, top5, l2 = linear_probe(train[sub], train_y[sub], test, test_y, num_classes, args.l2_grid,
+                                      args.val_fraction, args.probe_steps, args.seed, mean, std)
+        rows.append({"protocol": "few-shot linear probe", "setting": f"{n} labels/class, L2 {l2:g}",
+                     "top1": top1, "top5": top5, "labels_per_class": n, "l2": l2})
+    return rows
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -264,6 +356,26 @@ def fit_mlp_probe(x, y, test_x, test_y, num_classes, hidden=512, epochs=30, seed
         return topk_accuracy(torch.cat([mlp(t) for t in test_x.split(4096)]), test_y)
 
 
+def eval_layers(encoder, feats, train_y, test_y, num_classes, img_size, args):
+    """Protocol 5 (AlexNet): a linear probe on each of conv1 ... conv5, then the MLP probe on the frozen conv features,
+    each next to chance. feats: the FeatureCache (the per-layer features are extracted once per split through it)."""
+    t0, chance = time.time(), 100.0 / num_classes
+    layers = AlexNetLayers(encoder, img_size, args.layer_dim)
+    tr, te = feats("memory", layers).split(layers.sizes, 1), feats("test", layers).split(layers.sizes, 1)
+    rows = []
+    for l in range(5):
+        top1, top5, l2 = linear_probe(tr[l], train_y, te[l], test_y, num_classes, args.l2_grid, args.val_fraction,
+                                      args.probe_steps, args.seed)
+        rows.append({"protocol": "layer linear probe", "setting": f"conv{l + 1}, {layers.sizes[l]}-d pooled "
+                     f"(chance {chance:.1f})", "top1": top1, "top5": top5, "l2": l2})
+        print(f"layer probe conv{l + 1}: top-1 {top1:.2f} ({time.time() - t0:.0f}s; "
+              f"conv{l + 2 if l < 4 else '1-5 MLP'} next)", flush=True)
+    top1, top5 = fit_mlp_probe(tr[5], train_y, te[5], test_y, num_classes, args.mlp_hidden, args.mlp_epochs, args.seed)
+    rows.append({"protocol": "MLP probe", "setting": f"frozen conv1-5, {layers.sizes[5]}-d (chance {chance:.1f})",
+                 "top1": top1, "top5": top5})
+    return rows
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # 6. Supervised baseline: the backbone trained from scratch on labels only, with the usual light augmentation
 # ----------------------------------------------------------------------------------------------------------------
@@ -281,9 +393,10 @@ def light_augment(x, size):
     return random_flip(x)
 
 
-def train_supervised(args, data, device, autocast, log=print):
+def train_supervised(args, data, device, autocast, fmt=torch.contiguous_format, log=print):
     """Encoder + linear head trained with cross-entropy on `labels_per_class` images per class (all if None),
-    SGD with momentum and cosine decay. Returns (encoder in eval mode, head, training indices)."""
+    SGD with momentum and cosine decay, in memory format `fmt`. Returns (encoder in eval mode, head, training
+    indices). The indices and batch orders live on the CPU, where the images are held."""
     labels = data.memory.labels
     idx = (torch.arange(len(labels)) if args.labels_per_class is None
            else per_class_indices(labels, args.labels_per_class, args.seed, data.num_classes))
@@ -292,7 +405,7 @@ def train_supervised(args, data, device, autocast, log=print):
     images, targets = data.memory.images[idx], labels[idx].to(device)
     size = data.img_size
     encoder = common.build_backbone(args.backbone, **common.backbone_kwargs(args, size))
-    model = nn.Sequential(encoder, nn.Linear(encoder.feature_dim, data.num_classes)).to(device)
+    model = nn.Sequential(encoder, nn.Linear(encoder.feature_dim, data.num_classes)).to(device, memory_format=fmt)
     groups = [{"params": [p for p in model.parameters() if p.ndim > 1], "weight_decay": 5e-4},
               {"params": [p for p in model.parameters() if p.ndim <= 1], "weight_decay": 0.0}]
     opt = torch.optim.SGD(groups, lr=args.sup_lr, momentum=0.9, nesterov=True)
@@ -304,7 +417,7 @@ def train_supervised(args, data, device, autocast, log=print):
         if len(order) < bs:  # a new epoch
             order = torch.cat([order, torch.randperm(len(idx))])
         b, order = order[:bs], order[bs:]
-        x = normalize(light_augment(to_float(images[b].to(device)), size))
+        x = normalize(light_augment(to_float(images[b].to(device)), size)).contiguous(memory_format=fmt)
         with autocast():
             loss = F.cross_entropy(model(x).float(), targets[b.to(device)])
         opt.zero_grad(set_to_none=True)
@@ -317,8 +430,26 @@ def train_supervised(args, data, device, autocast, log=print):
     return model[0].eval(), model[1].eval(), idx
 
 
+def eval_supervised(args, data, device, autocast, fmt, img_size, out_dir):
+    """Protocol 6: train_supervised, score its classifier on the test split, save it as out_dir/supervised.pt
+    (loadable by common.load_encoder). Returns (the trained encoder, to evaluate next, and the result row)."""
+    encoder, head, idx = train_supervised(args, data, device, autocast, fmt)
+    logits = extract_features(nn.Sequential(encoder, head), data.test, device, args.batch_size, img_size, autocast,
+                              args.workers)
+    top1, top5 = topk_accuracy(logits, data.test.labels.to(device))
+    os.makedirs(out_dir, exist_ok=True)
+    common.save_checkpoint(os.path.join(out_dir, "supervised.pt"), method="supervised", args=vars(args), epoch=0,
+                           step=args.sup_steps, backbone={"name": args.backbone,
+                                                          "kwargs": common.backbone_kwargs(args, img_size)},
+                           encoder=encoder.state_dict(), head=head.state_dict(), labelled_indices=idx,
+                           img_size=img_size, data=args.data)
+    n = args.labels_per_class or "all"
+    return encoder, {"protocol": "supervised from scratch", "setting": f"{n} labels/class, {args.sup_steps} steps",
+                     "top1": top1, "top5": top5}
+
+
 # ----------------------------------------------------------------------------------------------------------------
-# Encoders to evaluate, feature cache, input checks
+# Encoders to evaluate, data, feature cache, input checks, output
 # ----------------------------------------------------------------------------------------------------------------
 class Pixels(nn.Module):
     """The raw-pixel baseline as an 'encoder': the normalised image, flattened."""
@@ -326,23 +457,37 @@ class Pixels(nn.Module):
         return x.flatten(1)
 
 
-class FeatureCache:
-    """features(split) = encoder(split images), extracted once per split and kept (on the device)."""
-    def __init__(self, encoder, data, device, img_size, autocast, batch_size=512, workers=0):
-        self.encoder, self.data, self.device, self.img_size = encoder, data, device, img_size
-        self.autocast, self.batch_size, self.workers = autocast, batch_size, workers
-        self.cache, self.extractions, self.seconds = {}, 0, 0.0
+def what_to_evaluate(args, given, device):
+    """--ckpt: its encoder on `device`, and --data defaults to the data it was trained on, read as the training run
+    did (its --data-dir, --img-size, --imagenette-size, --shapes-n, unless given again). Otherwise no encoder yet (it
+    is built for the data's resolution) and --data defaults to shapes. Returns (encoder, ckpt, backbone, label)."""
+    if not args.ckpt:
+        args.data = args.data or "shapes"
+        backbone = "pixels" if args.pixels else args.backbone
+        label = "raw pixels" if args.pixels else f"{'supervised' if args.supervised else 'random-init'} {backbone}"
+        return None, None, backbone, label
+    try:
+        encoder, ckpt = common.load_encoder(args.ckpt, device)
+    except (KeyError, TypeError, RuntimeError) as e:
+        fail(f"{args.ckpt}: the checkpoint's encoder cannot be rebuilt ({type(e).__name__}: "
+             f"{str(e).splitlines()[0][:100]})")
+    saved = ckpt.get("args", {})
+    args.data = args.data or ckpt.get("data") or saved.get("data")
+    if args.data is None:
+        fail(f"{args.ckpt} does not say which data it was trained on; give --data")
+    if args.data == saved.get("data"):
+        for k in ("data_dir", "img_size", "imagenette_size", "shapes_n"):
+            if k in saved and k not in given:
+                setattr(args, k, saved[k])
+    label = f"{ckpt.get('method', '?')} checkpoint {args.ckpt} (epoch {ckpt.get('epoch')})"
+    return encoder, ckpt, ckpt["backbone"]["name"], label
 
-    def __call__(self, split):  # "memory" (labelled training split) or "test"
-        if split not in self.cache:
-            t0 = time.time()
-            self.cache[split] = extract_features(self.encoder, getattr(self.data, split), self.device, self.batch_size,
-                                                 self.img_size, self.autocast, self.workers)
-            self.extractions += 1
-            self.seconds += time.time() - t0
-            print(f"features of the {split} split: {tuple(self.cache[split].shape)} in {time.time() - t0:.0f}s",
-                  flush=True)
-        return self.cache[split]
+
+def load_labelled_data(args):
+    data = common.dataset_from_args(args)
+    if (data.memory.labels < 0).any() or (data.test.labels < 0).any():
+        fail(f"--data {args.data} has unlabelled images in its evaluation splits; use a labelled dataset")
+    return data
 
 
 def check_input_fits(encoder, channels, img_size, what):
@@ -359,13 +504,44 @@ def check_input_fits(encoder, channels, img_size, what):
         fail(f"{what}: {img_size}px images do not fit the encoder ({str(e).splitlines()[0][:120]})")
 
 
-def load_ckpt_encoder(path, device):
-    """common.load_encoder, with a clear error for a checkpoint whose encoder does not match its description."""
-    try:
-        encoder, ckpt = common.load_encoder(path, device)
-    except (KeyError, TypeError, RuntimeError) as e:
-        fail(f"{path}: the checkpoint's encoder cannot be rebuilt ({type(e).__name__}: {str(e).splitlines()[0][:100]})")
-    return encoder, ckpt
+class FeatureCache:
+    """feats(split) = encoder(images of split): float32 (N, D) on the device, extracted once per split and kept;
+    feats(split, module): the same for another module (AlexNet's per-layer features). split: "memory" (the
+    labelled training split) or "test". Counts extractions and their seconds."""
+    def __init__(self, encoder, data, device, img_size, autocast, batch_size=512, workers=0):
+        self.encoder, self.data, self.device, self.img_size = encoder, data, device, img_size
+        self.autocast, self.batch_size, self.workers = autocast, batch_size, workers
+        self.cache, self.extractions, self.seconds = {}, 0, 0.0
+
+    def __call__(self, split, module=None):
+        module = self.encoder if module is None else module
+        if (split, module) not in self.cache:
+            t0 = time.time()
+            self.cache[split, module] = extract_features(module, getattr(self.data, split), self.device,
+                                                         self.batch_size, self.img_size, self.autocast, self.workers)
+            self.extractions += 1
+            self.seconds += time.time() - t0
+            print(f"features of the {split} split: {tuple(self.cache[split, module].shape)} in {time.time() - t0:.0f}s",
+                  flush=True)
+        return self.cache[split, module]
+
+
+def timed(timings, key, fn, *a):
+    """fn(*a), its seconds added to timings[key]."""
+    t0 = time.time()
+    out = fn(*a)
+    timings[key] = timings.get(key, 0.0) + time.time() - t0
+    return out
+
+
+def output_path(args, backbone):
+    """The JSON file: --out (a .json file, or a folder), else next to the checkpoint, else a new run folder."""
+    name = f"eval-{os.path.basename(os.path.normpath(args.data))}.json"
+    if args.out:
+        return args.out if args.out.endswith(".json") else os.path.join(args.out, name)
+    if args.ckpt:
+        return os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), name)
+    return os.path.join(common.run_folder(args, f"eval-{backbone}"), "eval.json")
 
 
 def markdown_table(rows):
@@ -375,167 +551,65 @@ def markdown_table(rows):
     return "\n".join(lines)
 
 
+def write_results(result, path):
+    """Print the rows as a markdown table, write the result (with the table) as JSON. Returns the result."""
+    result["table"] = markdown_table(result["rows"])
+    print(result["table"], flush=True)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"wrote {path} ({result['wall_time_s']:.0f}s, features {result['extract_s']:.0f}s)", flush=True)
+    return result
+
+
 # ----------------------------------------------------------------------------------------------------------------
 def main(argv=None):
     parser, args = get_args(argv)
-    protocols = [p for p in args.protocols.split(",") if p]
-    if set(protocols) - set(PROTOCOLS):
-        fail(f"--protocols: unknown {sorted(set(protocols) - set(PROTOCOLS))}; expected some of {','.join(PROTOCOLS)}")
-    try:
-        shots = [int(s) for s in args.shots.split(",") if s]
-        l2_grid = [float(s) for s in args.l2_grid.split(",") if s]
-    except ValueError:
-        fail(f"--shots and --l2-grid must be comma-separated numbers (got '{args.shots}', '{args.l2_grid}')")
-    if args.k < 1 or args.temperature <= 0 or not l2_grid or min(shots, default=1) < 1 or not 0 < args.val_fraction < 1:
-        fail("need --k >= 1, --temperature > 0, a non-empty --l2-grid, --shots >= 1 and 0 < --val-fraction < 1")
-    if args.labels_per_class is not None and (not args.supervised or args.labels_per_class < 1):
-        fail("--labels-per-class needs --supervised and a positive number")
-
-    # --- seeding, device ---
+    given = given_flags(parser, argv)
+    check_args(args)
     t_start = time.time()
     common.seed_everything(args.seed)
     device = common.get_device(args.device)
     autocast, _ = common.setup_amp(args.amp, device)
+    fmt = common.memory_format(device, args.channels_last)
 
-    # --- encoder (a checkpoint's, random, pixels) and data ---
-    ckpt, encoder = None, None
-    if args.ckpt:
-        encoder, ckpt = load_ckpt_encoder(args.ckpt, device)
-        saved = ckpt.get("args", {})
-        args.data = args.data or ckpt.get("data") or saved.get("data")
-        if args.data is None:
-            fail(f"{args.ckpt} does not say which data it was trained on; give --data")
-        given = {a.dest for a in parser._actions for tok in (sys.argv[1:] if argv is None else argv)
-                 if tok.split("=")[0] in a.option_strings}
-        if args.data == saved.get("data"):  # the training data: read it as the training run did
-            for k in ("data_dir", "img_size", "imagenette_size", "shapes_n"):
-                if k in saved and k not in given:
-                    setattr(args, k, saved[k])
-        backbone = ckpt["backbone"]["name"]
-        label = f"{ckpt.get('method', '?')} checkpoint {args.ckpt} (epoch {ckpt.get('epoch')})"
-    else:
-        args.data = args.data or "shapes"
-        backbone = "pixels" if args.pixels else args.backbone
-        label = "raw pixels" if args.pixels else f"{'supervised' if args.supervised else 'random-init'} {backbone}"
-    data = common.dataset_from_args(args)
-    if (data.memory.labels < 0).any() or (data.test.labels < 0).any():
-        fail(f"--data {args.data} has unlabelled images in its evaluation splits; use a labelled dataset")
+    # --- what is evaluated (a checkpoint's encoder, a random one, the pixels, a supervised one), on which data ---
+    encoder, ckpt, backbone, label = what_to_evaluate(args, given, device)
+    check_flags_act(args, given, backbone)
+    data = load_labelled_data(args)
     C = data.num_classes
-    # evaluation resolution: --img-size, else the checkpoint's training resolution, else the data's
-    img_size = args.img_size or (ckpt.get("img_size") if ckpt else None) or data.img_size
+    img_size = args.img_size or (ckpt or {}).get("img_size") or data.img_size  # the evaluation resolution
     print(f"{label} on {data.name}: {len(data.memory)} labelled training / {len(data.test)} test images, {C} classes, "
           f"evaluated at {img_size}px on {device}", flush=True)
-
-    rows = []
+    out_json, rows = output_path(args, backbone), []
     if args.random_init:
-        encoder = common.build_backbone(args.backbone, **common.backbone_kwargs(args, img_size)).to(device)
+        encoder = common.build_backbone(args.backbone, **common.backbone_kwargs(args, img_size))
     elif args.pixels:
-        encoder = Pixels().to(device)
+        encoder = Pixels()
     elif args.supervised:
-        encoder, head, idx = train_supervised(args, data, device, autocast)
-        cache = FeatureCache(nn.Sequential(encoder, head), data, device, img_size, autocast, args.batch_size,
-                             args.workers)
-        top1, top5 = topk_accuracy(cache("test"), data.test.labels.to(device))
-        n = args.labels_per_class or "all"
-        rows.append({"protocol": "supervised from scratch", "setting": f"{n} labels/class, {args.sup_steps} steps",
-                     "top1": top1, "top5": top5})
+        encoder, row = eval_supervised(args, data, device, autocast, fmt, img_size, os.path.dirname(out_json))
+        rows.append(row)
+    encoder = encoder.to(device, memory_format=fmt)
     if not args.pixels:
         check_input_fits(encoder, data.test.images.shape[1], img_size, f"--data {args.data}")
-    out_json = (os.path.join(args.out, f"eval-{os.path.basename(os.path.normpath(args.data))}.json")
-                if args.out and not args.out.endswith(".json") else args.out)
-    if out_json is None and args.ckpt:
-        out_json = os.path.join(os.path.dirname(os.path.abspath(args.ckpt)),
-                                f"eval-{os.path.basename(os.path.normpath(args.data))}.json")
-    if out_json is None:
-        out_json = os.path.join(common.run_folder(args, f"eval-{backbone}"), "eval.json")
-    if args.supervised:  # the trained encoder, loadable by common.load_encoder
-        os.makedirs(os.path.dirname(os.path.abspath(out_json)), exist_ok=True)
-        common.save_checkpoint(os.path.join(os.path.dirname(os.path.abspath(out_json)), "supervised.pt"),
-                               method="supervised", args=vars(args), epoch=0, step=args.sup_steps,
-                               backbone={"name": args.backbone, "kwargs": common.backbone_kwargs(args, img_size)},
-                               encoder=encoder.state_dict(), head=head.state_dict(), labelled_indices=idx,
-                               img_size=img_size, data=args.data)
 
-    # --- features: once per split, reused by every protocol ---
-    feats = FeatureCache(encoder, data, device, img_size, autocast, args.batch_size, args.workers)
-    train_y, test_y = data.memory.labels.to(device), data.test.labels.to(device)
-    timings = {}
-
-    # --- 1, 2: weighted kNN and 1-NN (one similarity pass serves both) ---
-    if "knn" in protocols or "1nn" in protocols:
-        t0 = time.time()
-        sim, idx = knn_neighbours(feats("memory"), feats("test"), args.k)
-        if "knn" in protocols:
-            top1, top5 = topk_accuracy(knn_votes(sim, idx, train_y, C, args.k, args.temperature), test_y)
-            rows.append({"protocol": "weighted kNN", "setting": f"k={min(args.k, len(train_y))}, "
-                         f"τ={args.temperature}, cosine", "top1": top1, "top5": top5})
-        if "1nn" in protocols:
-            rows.append({"protocol": "1-NN", "setting": "cosine", "top1": topk_accuracy(
-                F.one_hot(train_y[idx[:, 0]], C).float(), test_y, (1,))[0], "top5": None})
-        del sim, idx
-        timings["knn_s"] = time.time() - t0
-
-    # --- 3, 4: linear probe on all labels, then on few labels per class ---
-    steps = args.probe_steps
-    if "linear" in protocols or "fewshot" in protocols:
-        t0 = time.time()
-        xtr, xte = feats("memory"), feats("test")
-        mean, std = xtr.mean(0), xtr.std(0)  # standardisation: statistics of every training image (no labels needed)
-        if "linear" in protocols:
-            top1, top5, l2 = linear_probe(xtr, train_y, xte, test_y, C, l2_grid, args.val_fraction, steps, args.seed,
-                                          mean, std)
-            rows.append({"protocol": "linear probe", "setting": f"all {len(train_y)} labels, L2 {l2:g} (chosen on "
-                         f"{args.val_fraction:.0%} held out)", "top1": top1, "top5": top5, "l2": l2})
-        if "fewshot" in protocols:
-            for n in shots:
-                sub = per_class_indices(data.memory.labels, n, args.seed, C)
-                if sub is None:
-                    print(f"few-shot {n} labels/class skipped: a class has fewer labelled images", flush=True)
-                    continue
-                sub = sub.to(device)
-                top1, top5, l2 = linear_probe(xtr[sub], train_y[sub], xte, test_y, C, l2_grid, args.val_fraction,
-                                              steps, args.seed, mean, std)
-                rows.append({"protocol": "few-shot linear probe", "setting": f"{n} labels/class, L2 {l2:g}",
-                             "top1": top1, "top5": top5, "labels_per_class": n, "l2": l2})
-        timings["linear_s"] = time.time() - t0
-
-    # --- 5: AlexNet per-layer linear probes and the MLP probe on frozen conv features ---
-    if "layers" in protocols and isinstance(encoder, common.AlexNet):
-        t0 = time.time()
-        layers = AlexNetLayers(encoder, img_size, args.layer_dim)
-        lfeats = FeatureCache(layers, data, device, img_size, autocast, args.batch_size, args.workers)
-        tr_parts, te_parts = lfeats("memory").split(layers.sizes, 1), lfeats("test").split(layers.sizes, 1)
-        chance = 100.0 / C
-        for l in range(5):
-            top1, top5, l2 = linear_probe(tr_parts[l], train_y, te_parts[l], test_y, C, l2_grid, args.val_fraction,
-                                          steps, args.seed)
-            rows.append({"protocol": "layer linear probe", "setting": f"conv{l + 1}, {layers.sizes[l]}-d pooled "
-                         f"(chance {chance:.1f})", "top1": top1, "top5": top5, "l2": l2})
-            print(f"layer probe conv{l + 1}: top-1 {top1:.2f} ({time.time() - t0:.0f}s; conv{l + 2 if l < 4 else '1-5 MLP'} "
-                  f"next)", flush=True)
-        top1, top5 = fit_mlp_probe(tr_parts[5], train_y, te_parts[5], test_y, C, args.mlp_hidden, args.mlp_epochs,
-                                   args.seed)
-        rows.append({"protocol": "MLP probe", "setting": f"frozen conv1-5, {layers.sizes[5]}-d (chance {chance:.1f})",
-                     "top1": top1, "top5": top5})
-        feats.extractions += lfeats.extractions
-        feats.seconds += lfeats.seconds
-        timings["layers_s"] = time.time() - t0
+    # --- the protocols, on features extracted once per split ---
+    feats, timings = FeatureCache(encoder, data, device, img_size, autocast, args.batch_size, args.workers), {}
+    train_y, test_y, run = data.memory.labels.to(device), data.test.labels.to(device), set(args.protocols)
+    for key, protocols, fn in [("knn_s", {"knn", "1nn"}, eval_knn), ("linear_s", {"linear"}, eval_linear),
+                               ("linear_s", {"fewshot"}, eval_fewshot)]:
+        if run & protocols:
+            rows += timed(timings, key, fn, feats("memory"), train_y, feats("test"), test_y, C, args)
+    if "layers" in run and backbone == "alexnet":
+        rows += timed(timings, "layers_s", eval_layers, encoder, feats, train_y, test_y, C, img_size, args)
     rows.append({"protocol": "chance", "setting": f"uniform guess, {C} classes", "top1": 100.0 / C,
                  "top5": 500.0 / C if C > 5 else None})
-
-    # --- table, JSON ---
-    table = markdown_table(rows)
-    print(table, flush=True)
-    result = {"encoder": label, "method": ckpt.get("method") if ckpt else backbone, "backbone": backbone,
-              "data": args.data, "img_size": img_size, "num_classes": C, "train_images": len(data.memory),
-              "test_images": len(data.test), "seed": args.seed, "device": str(device), "rows": rows,
-              "extractions": feats.extractions, "extract_s": feats.seconds, **timings,
-              "wall_time_s": time.time() - t_start, "table": table}
-    os.makedirs(os.path.dirname(os.path.abspath(out_json)), exist_ok=True)
-    with open(out_json, "w") as f:
-        json.dump(result, f, indent=2)
-    print(f"wrote {out_json} ({result['wall_time_s']:.0f}s, features {feats.seconds:.0f}s)", flush=True)
-    return result
+    return write_results({
+        "encoder": label, "method": ckpt.get("method") if ckpt else backbone, "backbone": backbone,
+        "data": args.data, "img_size": img_size, "num_classes": C, "train_images": len(data.memory),
+        "test_images": len(data.test), "seed": args.seed, "device": str(device), "rows": rows,
+        "extractions": feats.extractions, "extract_s": feats.seconds, **timings,
+        "wall_time_s": time.time() - t_start}, out_json)
 
 
 if __name__ == "__main__":
