@@ -841,20 +841,33 @@ def build_backbone(name, **kwargs):
 
 
 @torch.no_grad()
-def extract_features(encoder, split, device, batch_size=512, img_size=None, autocast=None, workers=0):
+def extract_features(encoder, split, device, batch_size=512, img_size=None, autocast=None, workers=0, rank=0,
+                     world=1, log=None, log_every=20):
     """h = encoder(normalize(image)) for every image of a split, without augmentation, in eval mode.
-    Returns float32 (N, D) on `device`. Images are resized to `img_size` if it differs."""
+    Returns float32 (N, D) on `device`, in the split's order. Images are resized to `img_size` if it differs.
+    Under torchrun (world > 1) each rank computes every world-th image and the shards are all-gathered back in
+    order (a collective: every rank must call it). `log`: a progress line every `log_every` batches."""
     was_training = encoder.training
     encoder.eval()
-    feats = []
-    for x, _ in make_loader(split, batch_size, shuffle=False, workers=workers):
+    loader = make_loader(split, batch_size, shuffle=False, workers=workers, rank=rank, world=world)
+    feats, t0 = [], time.time()
+    for i, (x, _) in enumerate(loader):
         x = normalize(to_float(x.to(device, non_blocking=True)))
         if img_size is not None:
             x = center_resize(x, img_size)
         with (autocast() if autocast else torch.autocast(device.type, enabled=False)):
             feats.append(encoder(x).float())
+        if log is not None and ((i + 1) % log_every == 0 or i + 1 == len(loader)):
+            el = time.time() - t0
+            log(f"features {i + 1}/{len(loader)} batches | {(i + 1) * batch_size * world / el:.0f} img/s | "
+                f"ETA {fmt_time(el / (i + 1) * (len(loader) - i - 1))}")
     encoder.train(was_training)
-    return torch.cat(feats)
+    feats = torch.cat(feats)  # this rank's images rank, rank + world, ... (DistributedSampler pads to equal sizes)
+    if world > 1:
+        parts = [torch.empty_like(feats) for _ in range(world)]
+        dist.all_gather(parts, feats)
+        feats = torch.stack(parts, 1).flatten(0, 1)  # interleave back: row r*world + rank = image r*world + rank
+    return feats[:len(split)]
 
 
 # ----------------------------------------------------------------------------------------------------------------

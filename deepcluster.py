@@ -330,29 +330,6 @@ def deepcluster_loss(logits, pseudo_labels):
 # Features of the whole training set: each rank extracts its shard, all ranks get all features.
 # ----------------------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def train_features(encoder, split, device, batch_size, autocast, workers, rank, world, log, log_every):
-    """encoder(normalize(image)) for every training image, no augmentation, eval mode; float32 (N, D) on device.
-    Under torchrun each rank computes every world-th image and the shards are all-gathered back in order."""
-    was_training = encoder.training
-    encoder.eval()
-    loader = common.make_loader(split, batch_size, shuffle=False, workers=workers, rank=rank, world=world)
-    feats, t0 = [], time.time()
-    for i, (x, _) in enumerate(loader):
-        with autocast():
-            feats.append(encoder(normalize(to_float(x.to(device, non_blocking=True)))).float())
-        if (i + 1) % log_every == 0 or i + 1 == len(loader):
-            el = time.time() - t0
-            log(f"features {i + 1}/{len(loader)} batches | {(i + 1) * batch_size * world / el:.0f} img/s | "
-                f"ETA {common.fmt_time(el / (i + 1) * (len(loader) - i - 1))}")
-    encoder.train(was_training)
-    feats = torch.cat(feats)  # this rank's images rank, rank + world, ... (DistributedSampler pads to equal sizes)
-    if world > 1:
-        parts = [torch.empty_like(feats) for _ in range(world)]
-        dist.all_gather(parts, feats)
-        feats = torch.stack(parts, 1).flatten(0, 1)  # interleave back: row r*world + rank = image r*world + rank
-    return feats[:len(split)]
-
-
 def plot_nmi(metrics_path, png_path):
     """The paper's Fig. 2: NMI between consecutive clusterings, and NMI of the clusters with the true labels."""
     import matplotlib
@@ -383,8 +360,8 @@ def cluster_step(encoder, split, k, n_samples, seed, args, device, autocast, ran
     drawn uniformly over the clusters. Under torchrun every rank extracts its shard of the features, rank 0's
     clustering is broadcast, and every rank draws the same order. Returns the pseudo-labels (N,) and the order
     (n_samples,), int64 on the CPU, and the k-means objective."""
-    feats = train_features(encoder, split, device, args.feature_batch_size, autocast, args.workers, rank, world, log,
-                           args.log_every)
+    feats = common.extract_features(encoder, split, device, args.feature_batch_size, autocast=autocast,
+                                    workers=args.workers, rank=rank, world=world, log=log, log_every=args.log_every)
     x = preprocess_features(feats, args.pca_dim)  # (N, pca_dim)
     centroids, assign = kmeans(x, k, args.kmeans_iters, seed=seed, init=args.kmeans_init)
     if world > 1:  # one clustering for all ranks: rank 0's
