@@ -1039,16 +1039,6 @@ class RunLog:
         print(f"epoch {epoch + 1}/{self.args.epochs} step {step + 1}/{steps} {m} | {self.images / elapsed:.0f} img/s"
               f" | ETA {fmt_time(eta)}", flush=True)
 
-    def progress(self, epoch, epochs, step, steps, images, done_steps, total_steps, **metrics):
-        """Call every step with the images processed in it; prints every call (the caller decides how often)."""
-        if not self.enabled:
-            return
-        elapsed = time.time() - self.t0
-        speed = images / max(elapsed, 1e-9)
-        eta = elapsed / max(done_steps, 1) * (total_steps - done_steps)
-        m = " ".join(f"{k} {v:.4g}" for k, v in metrics.items())
-        print(f"epoch {epoch}/{epochs} step {step}/{steps} {m} | {speed:.0f} img/s | ETA {fmt_time(eta)}", flush=True)
-
     def epoch(self, **metrics):
         """End of an epoch: print the metrics, append them to metrics.jsonl, redraw curves.png."""
         if not self.enabled:

@@ -229,12 +229,14 @@ def main(argv=None):
     loader = common.make_loader(data.train, args.batch_size // world, shuffle=True, drop_last=True,
                                 workers=args.workers, seed=args.seed, rank=rank, world=world)
     steps_per_epoch = len(loader)
-    jitter = args.jitter_strength if args.jitter_strength is not None else (0.5 if data.img_size < 96 else 1.0)
-    warmup = args.warmup_epochs if args.warmup_epochs is not None else min(10.0, 0.1 * args.epochs)
+    if args.jitter_strength is None:  # the paper's CIFAR-10 strength for small images, ImageNet's for large ones
+        args.jitter_strength = 0.5 if data.img_size < 96 else 1.0
+    if args.warmup_epochs is None:  # the paper's 10 epochs, at most 10% of the run
+        args.warmup_epochs = min(10.0, 0.1 * args.epochs)
     log.print(f"{data.name}: {len(data.train)} training images at {data.img_size}px, kNN on {len(data.memory)} "
               f"labelled / {len(data.test)} test images, {data.num_classes} classes; device {device} "
-              f"({autocast.dtype or torch.float32}, {fmt}), {world} process(es); jitter {jitter}, warm-up {warmup:g} "
-              f"epochs; run folder {out}")
+              f"({autocast.dtype or torch.float32}, {fmt}), {world} process(es); jitter {args.jitter_strength}, warm-up "
+              f"{args.warmup_epochs:g} epochs; run folder {out}")
 
     # --- model, optimizer, schedule ---
     bb_kwargs = common.backbone_kwargs(args, data.img_size)
@@ -244,7 +246,7 @@ def main(argv=None):
     model = model.to(device, memory_format=fmt)
     lr = (args.lr or {"lars": 1.0, "sgd": 0.3, "adamw": 1e-3}[args.optimizer]) * args.batch_size / 256
     optimizer = make_optimizer(args.optimizer, param_groups(model, args.weight_decay), lr)
-    total_steps, warmup_steps = args.epochs * steps_per_epoch, int(warmup * steps_per_epoch)
+    total_steps, warmup_steps = args.epochs * steps_per_epoch, int(args.warmup_epochs * steps_per_epoch)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, total_steps, warmup_steps))
     start_epoch = common.restore(ckpt, rank, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
     train_model = common.compile_model(model, device) if args.compile else model
@@ -261,7 +263,7 @@ def main(argv=None):
         for step, (x, _) in enumerate(loader):
             x = x.to(device, non_blocking=True)
             with torch.no_grad():  # two independent views of every image, augmented on the device
-                v1, v2 = (simclr_augment(x, data.img_size, jitter, args.crop_min_scale).contiguous(memory_format=fmt)
+                v1, v2 = (simclr_augment(x, data.img_size, args.jitter_strength, args.crop_min_scale).contiguous(memory_format=fmt)
                           for _ in range(2))
             loss, acc = train_step(train_model, v1, v2, optimizer, scheduler, scaler, autocast, args.temperature, world)
             sums["loss"] += loss

@@ -124,6 +124,17 @@ def test_default_warmup_is_capped_for_short_runs(tmp_path):
     assert s["epochs"] == 2
 
 
+def test_default_jitter_strength_follows_the_image_size(tmp_path):
+    """Colour-jitter strength defaults to the paper's CIFAR-10 value 0.5 below 96 px and to ImageNet's 1.0 above
+    (the resolved value is what the run used and what its checkpoint keeps)."""
+    for size, expected in [(32, 0.5), (96, 1.0)]:
+        simclr.main(["--data", "shapes", "--shapes-n", "32", "16", "--img-size", str(size), "--width", "2",
+                     "--batch-size", "32", "--epochs", "1", "--device", "cpu", "--knn-every", "1", "--log-every",
+                     "1000", "--out", str(tmp_path / str(size))])
+        saved = torch.load(tmp_path / str(size) / "last.pt", weights_only=False)["args"]
+        assert saved["jitter_strength"] == expected and saved["warmup_epochs"] == 0.1, saved
+
+
 def test_train_step_encodes_both_views_as_one_batch_and_head_has_output_bn():
     """As the reference code: the 2N views go through the network as one batch (BatchNorm statistics over 2N,
     running statistics updated once per step), and the projection head ends with a BatchNorm without shift."""
