@@ -13,6 +13,7 @@ of its network, for comparison). Each sub-command writes one PNG into --out.
     curves      training curves of one or more runs' metrics.jsonl
     fewshot     test top-1 against labels per class from knn_eval.py's few-shot JSON, several encoders
     embedding   a 2-D PCA projection of the test-set features, coloured by class
+    attention   ViT only: the last block's [CLS]-to-patch attention of each head over a few images (DINO, Fig. 3)
 
 A layer of `--layer` is a numbered stage of the encoder, each seen after its ReLU: AlexNet conv1 ... conv5;
 ResNet 1 = the stem (conv1 + BN + ReLU), 2 ... 5 = layer1 ... layer4. A filter's activation on an image is its
@@ -24,6 +25,7 @@ ReLU output averaged over space.
     python visualize.py views --ckpt runs/simclr-cifar10/last.pt --ckpt2 runs/deepcluster-cifar10/last.pt
     python visualize.py augment --data shapes --method simclr --device cpu --out figs  # no checkpoint: seconds on a CPU
     python visualize.py filters --ckpt runs/simclr-cifar10/last.pt --random-init       # same network, untrained
+    python visualize.py attention --ckpt runs/dino-cifar10/last.pt --n 4               # a vit_tiny checkpoint
 
 docs/visualize.md shows each figure with the command that made it.
 """
@@ -118,6 +120,10 @@ def get_args(argv=None):
 
     s = sub.add_parser("embedding", parents=[out, run, model, data, many], help="2-D PCA of the features by class")
     s.set_defaults(max_images=2000)
+
+    s = sub.add_parser("attention", parents=[out, run, model, data],
+                       help="ViT only: the last block's [CLS]-to-patch attention of each head over the image")
+    s.add_argument("--n", type=int, default=4, help="number of images (a seeded random subset of the split)")
     return p, p.parse_args(argv)
 
 
@@ -602,8 +608,48 @@ def cmd_embedding(args, device):
     return save(plt, fig, args.out, "embedding.png")
 
 
+def cls_attention_maps(encoder, x):
+    """The last block's attention from the [CLS] query to every patch, per head, each map scaled to max 1:
+    normalised images (n, 3, S, S) -> (n, heads, S // patch, S // patch) (DINO, Fig. 1 and 3)."""
+    with torch.no_grad():
+        attn = encoder.last_attention(x)[:, :, 0, 1:]  # (n, heads, h*w): row 0 = the [CLS] query, minus itself
+    g = x.shape[-1] // encoder.patch_size
+    maps = attn.reshape(*attn.shape[:2], g, g)
+    return maps / maps.amax((2, 3), keepdim=True).clamp_min(1e-12)
+
+
+def cmd_attention(args, device):
+    encoder, ckpt, img_size, label = load_model(args.ckpt, device, args.random_init, args.seed)
+    if not isinstance(encoder, common.ViT):
+        fail(f"attention maps need a ViT checkpoint (--backbone vit_tiny); {args.ckpt} has a "
+             f"{ckpt['backbone']['name']} encoder")
+    if args.n < 1:
+        fail(f"--n must be at least 1, got {args.n}")
+    images, _, _ = load_images(args, ckpt, img_size, args.n)
+    maps = cls_attention_maps(encoder, normalize(to_float(images.to(device)))).cpu()  # (n, heads, g, g)
+    n, heads = maps.shape[:2]
+    plt, fig = figure(1.2 * (heads + 1) + 0.4, 1.2 * n + 0.5)
+    for i in range(n):
+        img = to_float(images[i]).permute(1, 2, 0).numpy()
+        for j in range(heads + 1):
+            ax = fig.add_subplot(n, heads + 1, i * (heads + 1) + j + 1)
+            ax.imshow(img, interpolation="nearest", extent=(0, 1, 1, 0))
+            if j:  # the head's map over the image (nearest: one square per patch)
+                ax.imshow(maps[i, j - 1].numpy(), cmap="inferno", alpha=0.75, vmin=0, vmax=1,
+                          interpolation="nearest", extent=(0, 1, 1, 0))
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title("image" if j == 0 else f"head {j}", fontsize=8)
+    fig.suptitle(f"{label}: last block, [CLS] attention to the {maps.shape[-1]}x{maps.shape[-1]} patches",
+                 fontsize=9)
+    fig.tight_layout()
+    return save(plt, fig, args.out, "attention.png")
+
+
 COMMANDS = {"filters": cmd_filters, "top-images": cmd_top_images, "maximize": cmd_maximize, "views": cmd_views,
-            "augment": cmd_augment, "curves": cmd_curves, "fewshot": cmd_fewshot, "embedding": cmd_embedding}
+            "augment": cmd_augment, "curves": cmd_curves, "fewshot": cmd_fewshot, "embedding": cmd_embedding,
+            "attention": cmd_attention}
 
 
 def main(argv=None):

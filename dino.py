@@ -1,0 +1,361 @@
+"""DINO: Emerging Properties in Self-Supervised Vision Transformers (Caron et al. 2021).
+Paper: https://arxiv.org/abs/2104.14294 -- reference code: https://github.com/facebookresearch/dino
+
+Self-distillation without labels: a student network (encoder + DINO head) is trained to match, with a cross-entropy
+over K outputs, a teacher network of the same architecture whose weights are an exponential moving average (EMA) of
+the student's. The teacher sees only two large "global" crops of an image, the student those and several small
+"local" crops (multi-crop), so the student learns to predict from a part what the teacher sees in the whole.
+Centering (subtract a running mean of the teacher's outputs) and sharpening (a low teacher temperature) keep the
+teacher's output from collapsing to one dimension or to the uniform distribution. The teacher's encoder is kept.
+docs/dino.md has the details.
+
+    python dino.py --data shapes --shapes-n 2000 500 --width 8 --epochs 10 --batch-size 64 --local-crops 2 \\
+        --out-dim 1024 --head-hidden 512 --momentum-teacher 0.99 --device cpu   # offline, ~1 min on a CPU
+    python dino.py --data cifar10 --backbone vit_tiny --epochs 30 --batch-size 256 --device cpu  # CPU budget
+    python dino.py --data cifar10 --backbone vit_tiny --epochs 200 --batch-size 256 --local-crops 8  # one GPU
+    torchrun --nproc_per_node=4 dino.py --data imagenette --backbone vit_tiny --epochs 100     # 4 GPUs
+"""
+import argparse
+import copy
+import math
+import os
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+from common import (color_jitter, gaussian_blur, normalize, random_flip, random_grayscale, random_resized_crop,
+                    to_float, warmup_cosine)
+from knn_eval import knn_monitor
+from simclr import make_optimizer, param_groups
+
+METHOD = "dino"
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description="DINO pre-training with a weighted-kNN monitor",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--epochs", type=int, default=100, help="training epochs")
+    p.add_argument("--batch-size", type=int, default=256, help="global batch size (split over torchrun ranks)")
+    p.add_argument("--lr", type=float, default=5e-4, help="AdamW learning rate per 256 images (x batch-size/256)")
+    p.add_argument("--warmup-epochs", type=float, default=None,
+                   help="linear lr warm-up epochs, then cosine decay (default: the reference's 10, capped at 10%% "
+                        "of --epochs)")
+    p.add_argument("--weight-decay", type=float, default=0.04, help="weight decay at the start (not on biases/norms)")
+    p.add_argument("--weight-decay-end", type=float, default=0.4, help="weight decay at the end (cosine schedule)")
+    p.add_argument("--clip-grad", type=float, default=3.0, help="clip each parameter's gradient norm (0 = off)")
+    p.add_argument("--freeze-last-layer", type=int, default=1, help="epochs without updates of the head's last layer")
+    p.add_argument("--momentum-teacher", type=float, default=0.996,
+                   help="teacher EMA momentum at the start; cosine schedule to 1 at the end")
+    p.add_argument("--out-dim", type=int, default=4096, help="K, the head's outputs (paper: 65536 on ImageNet)")
+    p.add_argument("--head-hidden", type=int, default=2048, help="hidden size of the head's 3-layer MLP")
+    p.add_argument("--bottleneck", type=int, default=256, help="size of the head's L2-normalised bottleneck")
+    p.add_argument("--head-bn", action="store_true",
+                   help="BatchNorm after the head's two hidden layers (the reference's --use_bn_in_head)")
+    p.add_argument("--student-temp", type=float, default=0.1, help="student temperature")
+    p.add_argument("--teacher-temp", type=float, default=0.07, help="teacher temperature after the warm-up")
+    p.add_argument("--warmup-teacher-temp", type=float, default=0.04, help="teacher temperature at epoch 1")
+    p.add_argument("--warmup-teacher-temp-epochs", type=int, default=None,
+                   help="epochs of the linear teacher-temperature warm-up (default: the reference's 30, capped at "
+                        "30%% of --epochs)")
+    p.add_argument("--center-momentum", type=float, default=0.9,
+                   help="momentum of the center of the teacher's outputs (1 = no centering)")
+    p.add_argument("--local-crops", type=int, default=6, help="small crops per image (besides the 2 global crops)")
+    p.add_argument("--local-size", type=int, default=None,
+                   help="side of the local crops in px (default: 96/224 of the image side, rounded to a multiple of "
+                        "8 px: 16 px at 32 px, 96 px at 224 px)")
+    p.add_argument("--global-scale", type=float, nargs=2, default=[0.4, 1.0], metavar=("MIN", "MAX"),
+                   help="area fraction range of the global crops")
+    p.add_argument("--local-scale", type=float, nargs=2, default=[0.05, 0.4], metavar=("MIN", "MAX"),
+                   help="area fraction range of the local crops")
+    p.add_argument("--knn-every", type=int, default=5, help="weighted-kNN monitor every N epochs (and the last)")
+    p.add_argument("--knn-k", type=int, default=200, help="kNN monitor: neighbours")
+    p.add_argument("--knn-temperature", type=float, default=0.1, help="kNN monitor: vote temperature")
+    common.add_common_args(p, backbone="resnet18")
+    return p, p.parse_args(argv)
+
+
+def check_args(args):
+    if args.epochs < 1 or args.batch_size < 2:
+        common.fail(f"--epochs must be >= 1 and --batch-size >= 2 (got {args.epochs}, {args.batch_size})")
+    if min(args.student_temp, args.teacher_temp, args.warmup_teacher_temp) <= 0:
+        common.fail("--student-temp, --teacher-temp and --warmup-teacher-temp must be > 0")
+    if not (0 <= args.momentum_teacher <= 1 and 0 <= args.center_momentum <= 1):
+        common.fail(f"--momentum-teacher and --center-momentum must be in [0, 1] (got {args.momentum_teacher}, "
+                    f"{args.center_momentum})")
+    if args.local_crops < 0 or (args.local_size is not None and args.local_size < 4):
+        common.fail(f"--local-crops must be >= 0 and --local-size >= 4 (got {args.local_crops}, {args.local_size})")
+    for name in ("global_scale", "local_scale"):
+        lo, hi = getattr(args, name)
+        if not 0 < lo <= hi <= 1:
+            common.fail(f"--{name.replace('_', '-')} must be 0 < MIN <= MAX <= 1 (got {lo} {hi})")
+    if min(args.out_dim, args.head_hidden, args.bottleneck) < 1:
+        common.fail("--out-dim, --head-hidden and --bottleneck must be >= 1")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Augmentations (paper, appendix; reference DataAugmentationDINO): 2 global crops (224 px, area 0.4-1) and
+# small local crops (96 px, area 0.05-0.4), each flipped, colour-jittered (0.4, 0.4, 0.2, 0.1; p 0.8), grayscaled
+# (p 0.2) and blurred (p 1.0 first global, 0.1 second global, 0.5 local); the second global crop is solarized (p 0.2).
+# Sizes scale with the data: global = the image side, local = 96/224 of it. Blur sigma (0.1-2 px at the paper's
+# crop size) scales with the crop side. common.py has no solarize block, so it is defined here.
+# ----------------------------------------------------------------------------------------------------------------
+def solarize(x, p=0.2, threshold=0.5):
+    """Per image, with probability p, invert every value >= threshold: x -> 1 - x (PIL's ImageOps.solarize)."""
+    coin = (torch.rand(x.shape[0], device=x.device) < p).view(-1, 1, 1, 1)
+    return torch.where(coin & (x >= threshold), 1 - x, x)
+
+
+def dino_augment(x, size, scale=(0.4, 1.0), blur_p=1.0, solarize_p=0.0, paper_size=224):
+    """uint8 (N, 3, H, W) -> one normalised crop (N, 3, size, size); the defaults give the first global crop.
+    paper_size: the side of this kind of crop in the paper (224 global, 96 local), which its blur sigma refers to."""
+    sigma = (0.1 * size / paper_size, 2.0 * size / paper_size)
+    x = random_resized_crop(to_float(x), size, scale=scale)
+    x = random_flip(x)
+    x = color_jitter(x, 0.4, 0.4, 0.2, 0.1, p=0.8)
+    x = random_grayscale(x, p=0.2)
+    x = gaussian_blur(x, kernel_size=2 * math.ceil(3 * sigma[1]) + 1, sigma=sigma, p=blur_p)
+    x = solarize(x, p=solarize_p)
+    return normalize(x)
+
+
+def multi_crop(x, size, local_size, local_crops, global_scale=(0.4, 1.0), local_scale=(0.05, 0.4)):
+    """uint8 (N, 3, H, W) -> (global crops (2N, 3, size, size), local crops (L*N, 3, local_size, local_size) or None).
+    Rows are crop-major: crop v of image n is row v*N + n."""
+    g1 = dino_augment(x, size, global_scale, blur_p=1.0)
+    g2 = dino_augment(x, size, global_scale, blur_p=0.1, solarize_p=0.2)
+    local = dino_augment(x.repeat(local_crops, 1, 1, 1), local_size, local_scale, blur_p=0.5,
+                         paper_size=96) if local_crops else None
+    return torch.cat([g1, g2]), local
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model: encoder (from common.py) + DINO head, for the student and the teacher (its EMA copy).
+# ----------------------------------------------------------------------------------------------------------------
+class DINOHead(nn.Module):
+    """3-layer MLP (GELU) to a bottleneck, L2-normalised, then a weight-normalised linear layer to K outputs whose
+    norms are fixed to 1 (the reference's norm_last_layer=True: weight = v / |v| per output, only v is trained)."""
+    def __init__(self, in_dim, out_dim, hidden_dim=2048, bottleneck_dim=256, use_bn=False):
+        super().__init__()
+        norm = (lambda: nn.BatchNorm1d(hidden_dim)) if use_bn else nn.Identity
+        self.mlp = nn.Sequential(nn.Linear(in_dim, hidden_dim), norm(), nn.GELU(), nn.Linear(hidden_dim, hidden_dim),
+                                 norm(), nn.GELU(), nn.Linear(hidden_dim, bottleneck_dim))
+        for m in self.mlp:
+            if isinstance(m, nn.Linear):  # the reference's initialisation
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+        self.last_layer = nn.utils.parametrizations.weight_norm(nn.Linear(bottleneck_dim, out_dim, bias=False))
+        g = self.last_layer.parametrizations.weight.original0  # the norm of each output's weight vector
+        g.data.fill_(1)
+        g.requires_grad = False
+
+    def forward(self, h):
+        return self.last_layer(F.normalize(self.mlp(h), dim=-1))  # (N, K)
+
+
+class DINO(nn.Module):
+    def __init__(self, encoder, out_dim, hidden_dim, bottleneck_dim, use_bn=False):
+        super().__init__()
+        self.encoder = encoder
+        self.head = DINOHead(encoder.feature_dim, out_dim, hidden_dim, bottleneck_dim, use_bn)
+
+    def forward(self, *crops):
+        """Batches of crops, one resolution each -> logits (sum of their N_i, K), in the same order. As the
+        reference's MultiCropWrapper: the encoder runs once per resolution, the head once on everything."""
+        return self.head(torch.cat([self.encoder(c) for c in crops if c is not None]))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loss, center, monitors
+# ----------------------------------------------------------------------------------------------------------------
+def dino_loss(student_logits, teacher_logits, center, student_temp, teacher_temp):
+    """The DINO loss (paper, eq. 3 and Algorithm 1) over every pair of a teacher crop g and another student crop v:
+
+        P_t^g = softmax((t_g - c) / tau_t)        (centered and sharpened; no gradient)
+        P_s^v = softmax(s_v / tau_s)
+        L = 1/(G (V-1)) sum_{g=1}^{G} sum_{v != g} 1/N sum_{n=1}^{N} - sum_{k=1}^{K} P_t^g[n, k] log P_s^v[n, k]
+
+    student_logits: (V, N, K) for all V crops; teacher_logits: (G, N, K) for the G global crops, which are the
+    student's crops 0..G-1; center: (1, K) or (K,). Returns the scalar L; gradients reach the student only."""
+    G, V, N = teacher_logits.shape[0], student_logits.shape[0], student_logits.shape[1]
+    p_t = F.softmax((teacher_logits - center) / teacher_temp, dim=-1).detach()  # (G, N, K)
+    log_p_s = F.log_softmax(student_logits / student_temp, dim=-1)  # (V, N, K)
+    ce = -torch.einsum("gnk,vnk->gv", p_t, log_p_s) / N  # (G, V): batch-mean cross-entropy of each pair
+    return (ce.sum() - ce.diagonal().sum()) / (G * (V - 1))  # the mean over the pairs v != g
+
+
+@torch.no_grad()
+def update_center(center, teacher_logits, momentum, world=1):
+    """c <- m c + (1 - m) mean_{g, n} t_g[n]: the teacher's batch mean over every crop and image (all ranks under
+    torchrun). teacher_logits (G, N, K), center (1, K). Returns the new center."""
+    batch_sum = teacher_logits.sum((0, 1))
+    count = teacher_logits.shape[0] * teacher_logits.shape[1] * world
+    if world > 1:
+        dist.all_reduce(batch_sum)
+    return center * momentum + (batch_sum / count) * (1 - momentum)
+
+
+@torch.no_grad()
+def teacher_entropy(teacher_logits, center, teacher_temp):
+    """Mean entropy (nats) of the centered and sharpened teacher output P_t: log K for a uniform output (collapse
+    by centering alone), 0 for a one-hot output (collapse by sharpening alone); the paper's Fig. 7 monitor."""
+    log_p = F.log_softmax((teacher_logits - center) / teacher_temp, dim=-1)
+    return -(log_p.exp() * log_p).sum(-1).mean().item()
+
+
+def cosine_schedule(step, total_steps, start, end):
+    """`start` at step 0, `end` at the last step (total_steps - 1), a half cosine in between (teacher momentum
+    0.996 -> 1, weight decay 0.04 -> 0.4)."""
+    return end + 0.5 * (start - end) * (1 + math.cos(math.pi * step / max(1, total_steps - 1)))
+
+
+def teacher_temp_at(epoch, warmup_temp, temp, warmup_epochs):
+    """Teacher temperature of an epoch (from 0): linear from warmup_temp (epoch 0) to temp (epoch warmup_epochs-1),
+    then constant, as the reference's np.linspace schedule."""
+    if epoch >= warmup_epochs:
+        return temp
+    return warmup_temp + (temp - warmup_temp) * epoch / max(1, warmup_epochs - 1)
+
+
+# ================================================================================================================
+# ALGO LOGIC: one DINO update
+# ================================================================================================================
+def train_step(student, teacher, global_crops, local_crops, optimizer, scheduler, scaler, autocast, args, now,
+               world=1):
+    """Global crops (2N, 3, S, S) and local crops (L*N, 3, s, s) or None -> one optimiser step, the teacher's EMA
+    update and the center update. `now`: this step's teacher_temp, momentum, weight_decay, freeze_last_layer.
+    Returns (loss, teacher entropy, KL(P_t || P_s) = loss - entropy)."""
+    N = global_crops.shape[0] // 2
+    optimizer.param_groups[0]["weight_decay"] = now["weight_decay"]  # group 0: the decayed weights
+    with autocast():
+        with torch.no_grad():
+            t = teacher(global_crops).float().view(2, N, -1)  # (2, N, K): the teacher sees the global crops only
+        s = student(global_crops, local_crops).float().view(-1, N, t.shape[-1])  # (2 + L, N, K)
+    center = teacher.center
+    loss = dino_loss(s, t, center, args.student_temp, now["teacher_temp"])
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    if args.clip_grad > 0:  # the reference clips each parameter's gradient on its own
+        for p in student.parameters():
+            if p.grad is not None:
+                nn.utils.clip_grad_norm_(p, args.clip_grad)
+    if now["freeze_last_layer"]:  # no update of the head's last layer in the first epoch(s)
+        for name, p in student.named_parameters():
+            if "last_layer" in name:
+                p.grad = None
+    scaler.step(optimizer)
+    scaler.update()
+    scheduler.step()
+    with torch.no_grad():  # teacher <- m teacher + (1 - m) student; then the center
+        for p_t, p_s in zip(teacher.parameters(), student.parameters()):
+            p_t.lerp_(p_s.detach(), 1 - now["momentum"])
+        entropy = teacher_entropy(t, center, now["teacher_temp"])
+        center.copy_(update_center(center, t, args.center_momentum, world))
+    return loss.item(), entropy, loss.item() - entropy
+
+
+# ================================================================================================================
+def main(argv=None):
+    parser, args = get_args(argv)
+    args, ckpt = common.resume_checkpoint(parser, argv, args, METHOD)
+    check_args(args)
+    device, rank, world = common.setup_run(args)
+    autocast, scaler = common.setup_amp(args.amp, device)
+    fmt = common.memory_format(device, args.channels_last)
+    out = common.run_folder(args, METHOD)
+    log = common.RunLog(out, args, enabled=rank == 0, start_epoch=ckpt["epoch"] if ckpt else 0)
+
+    # --- data ---
+    data = common.dataset_from_args(args, log=log.print)
+    loader = common.make_loader(data.train, args.batch_size // world, shuffle=True, drop_last=True,
+                                workers=args.workers, seed=args.seed, rank=rank, world=world)
+    steps_per_epoch = len(loader)
+    local_size = args.local_size or max(8, round(data.img_size * 96 / 224 / 8) * 8)
+    warmup = args.warmup_epochs if args.warmup_epochs is not None else min(10.0, 0.1 * args.epochs)
+    temp_warmup = args.warmup_teacher_temp_epochs
+    temp_warmup = temp_warmup if temp_warmup is not None else min(30, round(0.3 * args.epochs))
+    log.print(f"{data.name}: {len(data.train)} training images at {data.img_size}px, kNN on {len(data.memory)} "
+              f"labelled / {len(data.test)} test images, {data.num_classes} classes; device {device} "
+              f"({autocast.dtype or torch.float32}, {fmt}), {world} process(es); crops 2 x {data.img_size}px + "
+              f"{args.local_crops} x {local_size}px, warm-up {warmup:g} epochs, teacher temperature "
+              f"{args.warmup_teacher_temp} -> {args.teacher_temp} over {temp_warmup} epochs; run folder {out}")
+
+    # --- model, optimizer, schedule ---
+    bb_kwargs = common.backbone_kwargs(args, data.img_size)
+    model = DINO(common.build_backbone(args.backbone, **bb_kwargs), args.out_dim, args.head_hidden, args.bottleneck,
+                 args.head_bn)
+    teacher = copy.deepcopy(model).requires_grad_(False)  # same initial weights; updated only by the EMA
+    teacher.register_buffer("center", torch.zeros(1, args.out_dim))  # saved and moved with the teacher
+    if world > 1:
+        model = common.convert_sync_batchnorm(model, device)
+        teacher = common.convert_sync_batchnorm(teacher, device)
+    model, teacher = model.to(device, memory_format=fmt), teacher.to(device, memory_format=fmt)
+    lr = args.lr * args.batch_size / 256
+    optimizer = make_optimizer("adamw", param_groups(model, args.weight_decay), lr)
+    total_steps, warmup_steps = args.epochs * steps_per_epoch, int(warmup * steps_per_epoch)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, total_steps, warmup_steps))
+    start_epoch = common.restore(ckpt, rank, model=model, teacher=teacher, optimizer=optimizer, scheduler=scheduler,
+                                 scaler=scaler)
+    train_model = common.compile_model(model, device) if args.compile else model
+    train_teacher = common.compile_model(teacher, device) if args.compile else teacher
+    if world > 1:
+        train_model = nn.parallel.DistributedDataParallel(
+            train_model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    # --- training loop ---
+    knn_top1, t_start = None, time.time()
+    for epoch in range(start_epoch, args.epochs):
+        model.train()
+        teacher.train()  # as the reference: the teacher's BatchNorm (ResNet) normalises with batch statistics
+        loader.set_epoch(epoch)
+        sums, t_epoch = {"loss": 0.0, "entropy": 0.0, "kl": 0.0}, time.time()
+        for step, (x, _) in enumerate(loader):
+            x = x.to(device, non_blocking=True)
+            with torch.no_grad():  # 2 global + L local crops of every image, augmented on the device
+                global_crops, local_crops = multi_crop(x, data.img_size, local_size, args.local_crops,
+                                                       args.global_scale, args.local_scale)
+                global_crops = global_crops.contiguous(memory_format=fmt)
+                local_crops = local_crops.contiguous(memory_format=fmt) if local_crops is not None else None
+            it = epoch * steps_per_epoch + step
+            now = {"teacher_temp": teacher_temp_at(epoch, args.warmup_teacher_temp, args.teacher_temp, temp_warmup),
+                   "momentum": cosine_schedule(it, total_steps, args.momentum_teacher, 1.0),
+                   "weight_decay": cosine_schedule(it, total_steps, args.weight_decay, args.weight_decay_end),
+                   "freeze_last_layer": epoch < args.freeze_last_layer}
+            loss, entropy, kl = train_step(train_model, train_teacher, global_crops, local_crops, optimizer, scheduler,
+                                           scaler, autocast, args, now, world)
+            sums["loss"] += loss
+            sums["entropy"] += entropy
+            sums["kl"] += kl
+            log.step(epoch, step, steps_per_epoch, x.shape[0] * world, loss=loss, entropy=entropy,
+                     lr=scheduler.get_last_lr()[0])
+
+        # --- end of epoch: kNN monitor (the teacher's encoder, as the paper evaluates), metrics, checkpoint ---
+        metrics = {"epoch": epoch + 1, "loss": sums["loss"] / steps_per_epoch,
+                   "teacher_entropy": sums["entropy"] / steps_per_epoch, "kl": sums["kl"] / steps_per_epoch,
+                   "lr": scheduler.get_last_lr()[0], "teacher_temp": now["teacher_temp"],
+                   "momentum": now["momentum"], "img_per_s": steps_per_epoch * args.batch_size / (time.time() - t_epoch)}
+        if rank == 0 and ((epoch + 1) % args.knn_every == 0 or epoch + 1 == args.epochs):
+            knn_top1 = metrics["knn_top1"] = knn_monitor(teacher.encoder, data, device, args.knn_k,
+                                                         args.knn_temperature, autocast, args.workers)
+        log.epoch(**metrics)
+        common.save_training_checkpoint(
+            os.path.join(out, "last.pt"), rank, world, method=METHOD, args=vars(args), epoch=epoch + 1,
+            step=(epoch + 1) * steps_per_epoch, backbone={"name": args.backbone, "kwargs": bb_kwargs},
+            encoder=teacher.encoder, model=model, teacher=teacher, optimizer=optimizer, scheduler=scheduler,
+            scaler=scaler, img_size=data.img_size, data=args.data, metrics=metrics)
+
+    # --- summary ---
+    wall = time.time() - t_start
+    return common.finish(out, rank, world, log, {
+        "method": METHOD, "data": args.data, "epochs": args.epochs, "knn_top1": knn_top1,
+        "img_per_s": log.images / wall if log.images else None, "wall_time_s": wall, "device": str(device),
+        "precision": str(autocast.dtype or torch.float32), "world_size": world, "seed": args.seed,
+        "checkpoint": os.path.join(out, "last.pt")})
+
+
+if __name__ == "__main__":
+    main()
