@@ -101,7 +101,8 @@ def check_args(args):
                       (args.mlp_epochs < 1, "--mlp-epochs >= 1"), (args.mlp_hidden < 1, "--mlp-hidden >= 1"),
                       (args.labels_per_class is not None and args.labels_per_class < 1, "--labels-per-class >= 1"),
                       (args.sup_steps < 1, "--sup-steps >= 1"), (args.sup_batch_size < 1, "--sup-batch-size >= 1"),
-                      (args.sup_lr <= 0, "--sup-lr > 0"), (args.batch_size < 1, "--batch-size >= 1")]:
+                      (args.sup_lr <= 0, "--sup-lr > 0"), (args.batch_size < 1, "--batch-size >= 1"),
+                      (args.log_every < 1, "--log-every >= 1")]:
         if bad:
             fail(f"need {need}")
 
@@ -119,7 +120,7 @@ def check_flags_act(args, given, backbone):
         "shots": ("fewshot" in runs, "the fewshot protocol"),
         "l2_grid": probes, "val_fraction": probes, "probe_steps": probes,
         **dict.fromkeys(["layer_dim", "mlp_epochs", "mlp_hidden"], ("layers" in runs, "the layers protocol (AlexNet)")),
-        **dict.fromkeys(["labels_per_class", "sup_steps", "sup_batch_size", "sup_lr", "log_every"],
+        **dict.fromkeys(["labels_per_class", "sup_steps", "sup_batch_size", "sup_lr"],
                         (args.supervised, "--supervised")),
         **dict.fromkeys(["backbone", "width"],
                         (builds, "--random-init or --supervised (a checkpoint names its own encoder)")),
@@ -507,18 +508,20 @@ def check_input_fits(encoder, channels, img_size, what):
 class FeatureCache:
     """feats(split) = encoder(images of split): float32 (N, D) on the device, extracted once per split and kept;
     feats(split, module): the same for another module (AlexNet's per-layer features). split: "memory" (the
-    labelled training split) or "test". Counts extractions and their seconds."""
-    def __init__(self, encoder, data, device, img_size, autocast, batch_size=512, workers=0):
+    labelled training split) or "test". Counts extractions and their seconds; a progress line every `log_every`
+    batches."""
+    def __init__(self, encoder, data, device, img_size, autocast, batch_size=512, workers=0, log_every=20):
         self.encoder, self.data, self.device, self.img_size = encoder, data, device, img_size
-        self.autocast, self.batch_size, self.workers = autocast, batch_size, workers
+        self.autocast, self.batch_size, self.workers, self.log_every = autocast, batch_size, workers, log_every
         self.cache, self.extractions, self.seconds = {}, 0, 0.0
 
     def __call__(self, split, module=None):
         module = self.encoder if module is None else module
         if (split, module) not in self.cache:
             t0 = time.time()
-            self.cache[split, module] = extract_features(module, getattr(self.data, split), self.device,
-                                                         self.batch_size, self.img_size, self.autocast, self.workers)
+            self.cache[split, module] = extract_features(
+                module, getattr(self.data, split), self.device, self.batch_size, self.img_size, self.autocast,
+                self.workers, log=lambda line: print(f"{split} split: {line}", flush=True), log_every=self.log_every)
             self.extractions += 1
             self.seconds += time.time() - t0
             print(f"features of the {split} split: {tuple(self.cache[split, module].shape)} in {time.time() - t0:.0f}s",
@@ -594,7 +597,8 @@ def main(argv=None):
         check_input_fits(encoder, data.test.images.shape[1], img_size, f"--data {args.data}")
 
     # --- the protocols, on features extracted once per split ---
-    feats, timings = FeatureCache(encoder, data, device, img_size, autocast, args.batch_size, args.workers), {}
+    feats = FeatureCache(encoder, data, device, img_size, autocast, args.batch_size, args.workers, args.log_every)
+    timings = {}
     train_y, test_y, run = data.memory.labels.to(device), data.test.labels.to(device), set(args.protocols)
     for key, protocols, fn in [("knn_s", {"knn", "1nn"}, eval_knn), ("linear_s", {"linear"}, eval_linear),
                                ("linear_s", {"fewshot"}, eval_fewshot)]:

@@ -193,9 +193,15 @@ def test_knn_eval_end_to_end_checkpoint_random_init_pixels(tmp_path):
     r2 = knn_eval.main(["--random-init", "--data", "shapes", "--shapes-n", "300", "100", "--width", "4",
                         "--out", d] + FAST)
     assert [x["top1"] for x in r2["rows"]] == [x["top1"] for x in r["rows"]]
-    r3 = knn_eval.main(["--pixels", "--data", "shapes", "--shapes-n", "300", "100", "--protocols", "knn,1nn",
-                        "--out", os.path.join(d, "px.json")] + CPU + KNN)
+    # --pixels; --batch-size and --log-every: a progress line every 2 of the 3 batches of each split, and the last
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        r3 = knn_eval.main(["--pixels", "--data", "shapes", "--shapes-n", "300", "100", "--protocols", "knn,1nn",
+                            "--out", os.path.join(d, "px.json"), "--batch-size", "40", "--log-every", "2"] + CPU + KNN)
     assert len(r3["rows"]) == 3 and os.path.exists(os.path.join(d, "px.json"))
+    progress = [line.split(" batches")[0] for line in out.getvalue().splitlines() if " batches |" in line]
+    assert progress == ["memory split: features 2/8", "memory split: features 4/8", "memory split: features 6/8",
+                        "memory split: features 8/8", "test split: features 2/3", "test split: features 3/3"], progress
 
 
 def test_knn_eval_alexnet_layers_mlp_and_supervised_baseline(tmp_path):
@@ -270,7 +276,6 @@ def test_knn_eval_flags_that_would_not_act_are_rejected(tmp_path):
         (["--random-init", "--protocols", "layers"], ["--protocols layers", "AlexNet", "resnet18"]),
         (["--random-init", "--labels-per-class", "5"], ["--labels-per-class", "--supervised"]),
         (["--random-init", "--sup-steps", "5"], ["--sup-steps", "--supervised"]),
-        (["--ckpt", path, "--log-every", "5"], ["--log-every", "--supervised"]),
         (["--ckpt", path, "--width", "8"], ["--width", "checkpoint"]),
         (["--ckpt", path, "--backbone", "alexnet"], ["--backbone"]),
         (["--pixels", "--width", "8"], ["--width"]),
@@ -307,6 +312,7 @@ def test_knn_eval_bad_input_errors(tmp_path):
         (sh + ["--l2-grid", ","], ["--l2-grid"]),
         (sh + ["--val-fraction", "1"], ["--val-fraction"]),
         (sh + ["--batch-size", "0"], ["--batch-size >= 1"]),
+        (sh + ["--log-every", "0"], ["--log-every >= 1"]),
         (["--supervised", "--labels-per-class", "0"] + sh[1:], ["--labels-per-class >= 1"]),
         (["--supervised", "--sup-steps", "0"] + sh[1:], ["--sup-steps >= 1"]),
         (["--supervised", "--labels-per-class", "100"] + sh[1:], ["fewer labelled"]),
