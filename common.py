@@ -924,10 +924,22 @@ def load_encoder(path, device="cpu"):
     return encoder.to(device).eval(), ckpt
 
 
+def given_flags(parser, argv=None):
+    """The dests of the flags written on the command line (argv, default sys.argv[1:]), including abbreviations
+    that argparse accepts (`--temp` for `--temperature`)."""
+    argv = sys.argv[1:] if argv is None else argv
+    options = {o: a.dest for a in parser._actions for o in a.option_strings if o.startswith("--")}
+    given = set()
+    for w in (tok.split("=")[0] for tok in argv if tok.startswith("--")):
+        matches = [w] if w in options else [o for o in options if o.startswith(w)]
+        if len(matches) == 1:  # argparse accepts a unique prefix
+            given.add(options[matches[0]])
+    return given
+
+
 def merge_resume_args(parser, argv, args, saved):
     """On --resume: the checkpoint's flags, except those given again on this command line (e.g. more --epochs)."""
-    argv = sys.argv[1:] if argv is None else argv
-    given = {a.dest for a in parser._actions for tok in argv if tok.split("=")[0] in a.option_strings} - {"resume"}
+    given = given_flags(parser, argv) - {"resume"}
     merged = dict(saved, **{k: getattr(args, k) for k in given}, resume=args.resume)
     for k, v in vars(args).items():  # flags added since the checkpoint was written keep their defaults
         merged.setdefault(k, v)

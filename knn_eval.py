@@ -24,7 +24,6 @@ import argparse
 import json
 import math
 import os
-import sys
 import time
 
 import torch
@@ -74,12 +73,6 @@ def get_args(argv=None):
     common.add_common_args(p, backbone="resnet18", training=False)
     p.set_defaults(data=None)  # --ckpt: the checkpoint's data; otherwise shapes
     return p, p.parse_args(argv)
-
-
-def given_flags(parser, argv=None):
-    """The dests of the flags written on the command line (as opposed to left at their defaults)."""
-    argv = sys.argv[1:] if argv is None else argv
-    return {a.dest for a in parser._actions for tok in argv if tok.split("=")[0] in a.option_strings}
 
 
 def check_args(args):
@@ -568,7 +561,7 @@ def write_results(result, path):
 # ----------------------------------------------------------------------------------------------------------------
 def main(argv=None):
     parser, args = get_args(argv)
-    given = given_flags(parser, argv)
+    given = common.given_flags(parser, argv)
     check_args(args)
     t_start = time.time()
     common.seed_everything(args.seed)

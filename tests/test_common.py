@@ -397,3 +397,13 @@ def test_runlog_metrics_and_curves():
 
 
 # ================================================================================================================
+
+
+def test_given_flags_sees_exact_equals_and_abbreviated_flags():
+    """--resume keeps the checkpoint's flags except those given again: those are found written in full, with =,
+    or abbreviated as argparse allows; flags left at their defaults are not."""
+    import simclr
+    parser, _ = simclr.get_args([])
+    argv = ["--temp", "0.2", "--epochs=3", "--out", "x", "--data", "shapes"]
+    assert common.given_flags(parser, argv) == {"temperature", "epochs", "out", "data"}
+    assert common.given_flags(parser, []) == set()
