@@ -6,11 +6,11 @@ a 4-way linear head on the encoder's features predicts which rotation it sees (c
 down needs the objects in the image and their orientation, so the encoder learns features of them. The encoder f
 is kept; the rotation head is thrown away after training. docs/rotnet.md has the details.
 
-    python rotnet.py --data shapes --shapes-n 2000 500 --width 8 --epochs 4 --batch-size 64 --lr 0.05 \\
-        --device cpu                                                    # offline quick start, ~30 s on a CPU
-    python rotnet.py --data cifar10 --width 16 --epochs 15 --device cpu  # CIFAR-10 on a laptop CPU
-    python rotnet.py --data cifar10 --epochs 100                        # GPU: the paper's CIFAR-10 recipe (AlexNet)
-    torchrun --nproc_per_node=4 rotnet.py --data imagenette --epochs 50  # 4 GPUs, one global batch
+    python rotnet.py --data shapes --shapes-n 1000 500 --width 8 --epochs 6 --batch-size 16 --lr 0.05 \\
+        --schedule cosine --device cpu                     # offline quick start (AlexNet), ~35 s on one CPU core
+    python rotnet.py --data cifar10 --width 8 --epochs 10 --schedule cosine --device cpu   # CIFAR-10 on a CPU
+    python rotnet.py --data cifar10 --epochs 100           # GPU: the paper's CIFAR-10 recipe on an AlexNet
+    torchrun --nproc_per_node=4 rotnet.py --data imagenette --epochs 50 --batch-size 512   # 4 GPUs, one global batch
 """
 import argparse
 import os

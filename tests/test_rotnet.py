@@ -125,11 +125,12 @@ def test_rotnet_learns_on_shapes(tmp_path):
     """End to end on the synthetic shapes, on the CPU. The pretext task is judged against what it can learn there:
     shapes are drawn upright (+-20 degrees), so a crescent's or an arrow's rotation is visible, while a circle, ring,
     square or cross looks the same turned by 90 degrees (best possible: chance, 25%) and a bar the same turned by
-    180 (best: 50%); over the ten classes at most 65%. The run must learn the visible rotations (held-out crescents
-    and arrows >= 80%), stay near chance on the symmetric classes, and its encoder must beat a random-init encoder
-    of the same architecture in weighted kNN on all ten classes by at least 15 points (measured, seeds 0 and 1, one
-    thread: 61.4% vs 29.0% and 66.6% vs 34.0%). A ResNet-18 (width 4): its random init is weak on shapes, the
-    AlexNet's fc7 is not (docs/rotnet.md: margins of +8 to +17 points for AlexNet at the same cost)."""
+    180 (best: 50%); over the ten classes at most about 52% (docs/rotnet.md). The run must learn the visible
+    rotations (held-out crescents and arrows >= 80%), stay near chance on the symmetric classes, and its encoder
+    must beat a random-init encoder of the same architecture in weighted kNN on all ten classes by at least 15
+    points (measured, seeds 0 and 1, one thread: 61.4% vs 29.0% and 66.6% vs 34.0%). A ResNet-18 (width 4): its
+    random init is weak on shapes, the AlexNet's fc7 is not (docs/rotnet.md: +7.8 to +16.6 points for the AlexNet
+    at about the same cost)."""
     s = rotnet.main(["--data", "shapes", "--shapes-n", "1000", "500", "--backbone", "resnet18", "--width", "4",
                      "--epochs", "5", "--batch-size", "32", "--lr", "0.1", "--schedule", "cosine", "--knn-every", "5",
                      "--device", "cpu", "--out", str(tmp_path), "--log-every", "1000"])
