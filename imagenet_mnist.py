@@ -9,9 +9,9 @@ Every image is a background (a labelled natural image) plus an MNIST digit. Two 
     both        the same background and the same digit                        -> the easier factor (background) wins
 What is not shared is drawn independently for each view (as in the paper), so it is as often equal as chance says.
 Each setting trains an encoder with SimCLR (its flags, model, loss and update, from simclr.py), then a weighted kNN
-judges it on
-two tasks, digit class and background class, of a fixed, seeded set of composed images. A random-init encoder is
-the reference row. Results: table.md, table.json and bars.png in the run folder. One process (no torchrun).
+judges it on two tasks, digit class and background class, of a fixed, seeded set of composed images. A random-init
+encoder is the reference row. Results: table.md, table.json and bars.png in the run folder. One process (no
+torchrun).
 docs/imagenet_mnist.md has the details and the measured table.
 
     python imagenet_mnist.py --backgrounds shapes --shapes-n 2000 500 --img-size 32 --width 8 --epochs 5 \\
@@ -150,9 +150,12 @@ def make_views(shared, idx, backgrounds, digit_images, size, min_scale, jitter_s
     bg1, bg2, dg1, dg2 = sample_pairs(shared, idx, len(backgrounds), len(digit_images))
     return tuple(augment_view(backgrounds[bg].to(device, non_blocking=True), digit_images[dg].to(device), size,
                               min_scale, jitter_strength) for bg, dg in [(bg1, dg1), (bg2, dg2)])
-
-
 # ================================================================================================================
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Evaluation set: fixed, seeded composed images
+# ----------------------------------------------------------------------------------------------------------------
 def subset(split, n, seed):
     """A seeded random subset of at most n images of a split (in their original order)."""
     if len(split) <= n:
@@ -246,8 +249,6 @@ def train_setting(args, shared, data, digits, memory, test, device, autocast, sc
     digit_images, _ = digits
     n_bg, bs = len(data.train), args.batch_size
     steps_per_epoch = n_bg // bs
-    jitter = args.jitter_strength if args.jitter_strength is not None else (0.5 if data.img_size < 96 else 1.0)
-    warmup = args.warmup_epochs if args.warmup_epochs is not None else min(10.0, 0.1 * args.epochs)
 
     # --- model, optimizer, schedule (SimCLR's) ---
     bb_kwargs = common.backbone_kwargs(args, data.img_size)
@@ -255,13 +256,14 @@ def train_setting(args, shared, data, digits, memory, test, device, autocast, sc
     model = model.to(device, memory_format=fmt)
     lr = (args.lr or {"lars": 1.0, "sgd": 0.3, "adamw": 1e-3}[args.optimizer]) * bs / 256
     optimizer = simclr.make_optimizer(args.optimizer, simclr.param_groups(model, args.weight_decay), lr)
-    total_steps, warmup_steps = args.epochs * steps_per_epoch, int(warmup * steps_per_epoch)
+    total_steps, warmup_steps = args.epochs * steps_per_epoch, int(args.warmup_epochs * steps_per_epoch)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: common.warmup_cosine(step, total_steps, warmup_steps))
     start_epoch = common.restore(ckpt, 0, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
     train_model = common.compile_model(model, device) if args.compile else model
-    log.print(f"[{shared}] views share: {ROW_NAMES[shared]}; {steps_per_epoch} steps per epoch, jitter {jitter}, "
-              f"warm-up {warmup:g} epochs" + (f"; resumed from {ckpt_path} at epoch {start_epoch}" if ckpt else ""))
+    log.print(f"[{shared}] views share: {ROW_NAMES[shared]}; {steps_per_epoch} steps per epoch, jitter "
+              f"{args.jitter_strength}, warm-up {args.warmup_epochs:g} epochs"
+              + (f"; resumed from {ckpt_path} at epoch {start_epoch}" if ckpt else ""))
 
     # --- training loop ---
     errors, t_start = {}, time.time()
@@ -273,7 +275,7 @@ def train_setting(args, shared, data, digits, memory, test, device, autocast, sc
             with torch.no_grad():  # the two views, composed and augmented on the device
                 v1, v2 = (v.contiguous(memory_format=fmt) for v in make_views(
                     shared, order[step * bs:(step + 1) * bs], data.train.images, digit_images, data.img_size,
-                    args.crop_min_scale, jitter, device))
+                    args.crop_min_scale, args.jitter_strength, device))
             loss, acc = simclr.train_step(train_model, v1, v2, optimizer, scheduler, scaler, autocast,
                                           args.temperature)
             sums["loss"] += loss
@@ -329,6 +331,10 @@ def main(argv=None):
         fail(f"--backgrounds {args.data} needs labelled memory and test splits and at least 2 training images")
     if args.batch_size > len(data.train):
         fail(f"batch size {args.batch_size} is larger than the dataset ({len(data.train)} background images)")
+    if args.jitter_strength is None:  # SimCLR's defaults: its CIFAR-10 strength below 96 px, ImageNet's above
+        args.jitter_strength = 0.5 if data.img_size < 96 else 1.0
+    if args.warmup_epochs is None:  # the paper's 10 epochs, at most 10% of the run
+        args.warmup_epochs = min(10.0, 0.1 * args.epochs)
     d = max(4, round(args.digit_scale * data.img_size))
     mnist_dir = args.mnist_dir or os.path.join(args.data_dir, "mnist")
     digits_train = load_digits(mnist_dir, args.digits, True, d)

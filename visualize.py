@@ -613,8 +613,8 @@ def cls_attention_maps(encoder, x):
     normalised images (n, 3, S, S) -> (n, heads, S // patch, S // patch) (DINO, Fig. 1 and 3)."""
     with torch.no_grad():
         attn = encoder.last_attention(x)[:, :, 0, 1:]  # (n, heads, h*w): row 0 = the [CLS] query, minus itself
-    g = x.shape[-1] // encoder.patch_size
-    maps = attn.reshape(*attn.shape[:2], g, g)
+    grid = x.shape[-1] // encoder.patch_size
+    maps = attn.reshape(*attn.shape[:2], grid, grid)
     return maps / maps.amax((2, 3), keepdim=True).clamp_min(1e-12)
 
 

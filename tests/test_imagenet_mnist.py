@@ -199,6 +199,7 @@ def test_imagenet_mnist_end_to_end_all_settings_and_resume(tmp_path):
     assert os.path.getsize(os.path.join(out, "bars.png")) > 1000
     enc, ck = common.load_encoder(os.path.join(out, "digit", "last.pt"))  # checkpoints load as encoders
     assert ck["setting"] == "digit" and ck["epoch"] == 1 and ck["step"] == 2
+    assert ck["args"]["jitter_strength"] == 0.5 and ck["args"]["warmup_epochs"] == 1  # resolved defaults are saved
     # resuming one setting to 2 epochs == 2 epochs in one go
     a = im.main(base + ["--shared", "both", "--epochs", "2", "--out", two])
     b = im.main(["--resume", os.path.join(out, "both", "last.pt"), "--epochs", "2", "--shared", "both"])
