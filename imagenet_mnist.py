@@ -331,10 +331,7 @@ def main(argv=None):
         fail(f"--backgrounds {args.data} needs labelled memory and test splits and at least 2 training images")
     if args.batch_size > len(data.train):
         fail(f"batch size {args.batch_size} is larger than the dataset ({len(data.train)} background images)")
-    if args.jitter_strength is None:  # SimCLR's defaults: its CIFAR-10 strength below 96 px, ImageNet's above
-        args.jitter_strength = 0.5 if data.img_size < 96 else 1.0
-    if args.warmup_epochs is None:  # the paper's 10 epochs, at most 10% of the run
-        args.warmup_epochs = min(10.0, 0.1 * args.epochs)
+    simclr.resolve_defaults(args, data.img_size)  # SimCLR's size-dependent jitter strength, capped warm-up
     d = max(4, round(args.digit_scale * data.img_size))
     mnist_dir = args.mnist_dir or os.path.join(args.data_dir, "mnist")
     digits_train = load_digits(mnist_dir, args.digits, True, d)

@@ -62,6 +62,14 @@ def get_args(argv=None):
     return p, p.parse_args(argv)
 
 
+def resolve_defaults(args, img_size):
+    """Defaults that depend on the data or the run length, written into args (so the checkpoint keeps them)."""
+    if args.jitter_strength is None:  # the paper's CIFAR-10 strength for small images, ImageNet's for large ones
+        args.jitter_strength = 0.5 if img_size < 96 else 1.0
+    if args.warmup_epochs is None:  # the paper's 10 epochs, at most 10% of the run
+        args.warmup_epochs = min(10.0, 0.1 * args.epochs)
+
+
 def check_args(args):
     if args.epochs < 1 or args.batch_size < 2:
         common.fail(f"--epochs must be >= 1 and --batch-size >= 2 (got {args.epochs}, {args.batch_size})")
@@ -229,10 +237,7 @@ def main(argv=None):
     loader = common.make_loader(data.train, args.batch_size // world, shuffle=True, drop_last=True,
                                 workers=args.workers, seed=args.seed, rank=rank, world=world)
     steps_per_epoch = len(loader)
-    if args.jitter_strength is None:  # the paper's CIFAR-10 strength for small images, ImageNet's for large ones
-        args.jitter_strength = 0.5 if data.img_size < 96 else 1.0
-    if args.warmup_epochs is None:  # the paper's 10 epochs, at most 10% of the run
-        args.warmup_epochs = min(10.0, 0.1 * args.epochs)
+    resolve_defaults(args, data.img_size)
     log.print(f"{data.name}: {len(data.train)} training images at {data.img_size}px, kNN on {len(data.memory)} "
               f"labelled / {len(data.test)} test images, {data.num_classes} classes; device {device} "
               f"({autocast.dtype or torch.float32}, {fmt}), {world} process(es); jitter {args.jitter_strength}, warm-up "
