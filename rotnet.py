@@ -113,6 +113,9 @@ def rotation_loss(logits, labels):
     return F.cross_entropy(logits, labels)
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Monitor (the reference's evaluation: the pretext task on held-out images) and the learning-rate schedule
+# ----------------------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def rotation_accuracy(model, split, device, autocast, batch_size=256):
     """The pretext task on held-out images, as the reference code's evaluation: every image in its four rotations,
