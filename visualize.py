@@ -42,8 +42,10 @@ import torch.nn.functional as F
 import torchvision
 from torchvision.transforms.functional import gaussian_blur
 
+import byol
 import common
 import deepcluster
+import rotnet
 import simclr
 from common import center_resize, denormalize, fail, normalize, to_float
 
@@ -287,8 +289,17 @@ def _deepcluster_recipe(x, size, saved):
     return deepcluster.deepcluster_augment(x, size, saved.get("crop_min_scale", 0.08))
 
 
+def _rotnet_recipe(x, size, saved):
+    return rotnet.rotnet_augment(x, size)  # the light crop + flip; rotnet.rotate_batch then makes the four rotations
+
+
+def _byol_recipe(x, size, saved):
+    return byol.byol_augment(x, size, **byol.VIEW1, min_scale=saved.get("crop_min_scale", 0.08))  # the first view
+
+
 # method -> f(uint8 images (N, 3, H, W), size, the checkpoint's flags) -> one normalised view (N, 3, size, size)
-RECIPES = {"simclr": _simclr_recipe, "deepcluster": _deepcluster_recipe}
+RECIPES = {"simclr": _simclr_recipe, "deepcluster": _deepcluster_recipe, "rotnet": _rotnet_recipe,
+           "byol": _byol_recipe}
 DEFAULT_RECIPE = "deepcluster"  # other methods: random resized crop + horizontal flip (DeepCluster's recipe)
 
 

@@ -12,6 +12,8 @@ from PIL import Image
 from util import expect_exit, run_script
 import common
 import deepcluster
+import byol
+import rotnet
 import simclr
 import visualize
 
@@ -131,7 +133,9 @@ def test_visualize_recipes_are_the_methods_own_functions():
     x = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
     saved = {"jitter_strength": 0.5, "crop_min_scale": 0.2}
     for method, ref in [("simclr", lambda: simclr.simclr_augment(x, 24, 0.5, 0.2)),
-                        ("deepcluster", lambda: deepcluster.deepcluster_augment(x, 24, 0.2))]:
+                        ("deepcluster", lambda: deepcluster.deepcluster_augment(x, 24, 0.2)),
+                        ("rotnet", lambda: rotnet.rotnet_augment(x, 24)),
+                        ("byol", lambda: byol.byol_augment(x, 24, **byol.VIEW1, min_scale=0.2))]:
         aug, name = visualize.augmentation(method, saved)
         assert name.startswith(f"{method}.{method}_augment") and "crop_min_scale 0.2" in name, name
         torch.manual_seed(3)
