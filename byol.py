@@ -1,5 +1,5 @@
 """BYOL: Bootstrap Your Own Latent, a new approach to self-supervised learning (Grill et al. 2020).
-Paper: https://arxiv.org/abs/2006.07733 -- reference code: https://github.com/deepmind/deepmind-research/tree/master/byol
+Paper: https://arxiv.org/abs/2006.07733 -- reference code: https://github.com/deepmind/deepmind-research (byol/)
 
 No negatives: an online network (encoder f, projector g, predictor q) predicts the projection that a target network
 (encoder and projector only) gives another augmented view of the same image. The target gets no gradients; its
@@ -8,11 +8,11 @@ is kept. A collapse monitor (the spread of the online projections, ~1 spread out
 projection) is logged every epoch, and --no-predictor, --ema 0 and --no-bn each take away one piece that is said to
 prevent collapse. docs/byol.md has the details and the collapse study.
 
-    python byol.py --data shapes --shapes-n 2000 500 --width 8 --epochs 8 --batch-size 64 --optimizer adamw \\
-        --lr 2e-3 --weight-decay 1e-4 --ema 0.99 --crop-min-scale 0.2 --device cpu  # offline quick start, CPU
-    python byol.py --data shapes --shapes-n 2000 500 --width 8 --epochs 8 --batch-size 64 --optimizer adamw \\
-        --lr 2e-3 --weight-decay 1e-4 --ema 0.99 --crop-min-scale 0.2 --device cpu --no-predictor  # collapse?
-    python byol.py --data cifar10 --epochs 1000 --batch-size 512 --ema 0.99   # GPU: ResNet-18, LARS lr 0.2 x 2
+    python byol.py --data shapes --shapes-n 1000 500 --width 4 --batch-size 32 --epochs 12 --optimizer sgd \
+        --lr 0.4 --weight-decay 1e-3 --crop-min-scale 0.2 --device cpu      # offline, a few minutes on a CPU
+    python byol.py --data shapes --shapes-n 1000 500 --width 4 --batch-size 32 --epochs 12 --optimizer sgd \
+        --lr 0.4 --weight-decay 1e-3 --crop-min-scale 0.2 --device cpu --no-predictor   # watch collapse_std fall
+    python byol.py --data cifar10 --epochs 1000 --batch-size 256 --lr 1.0 --weight-decay 1e-5 --ema 0.99  # GPU
     torchrun --nproc_per_node=4 byol.py --data imagenette --epochs 300        # 4 GPUs, one global batch
 """
 import argparse
@@ -68,6 +68,12 @@ def get_args(argv=None):
     p.add_argument("--knn-temperature", type=float, default=0.1, help="kNN monitor: vote temperature")
     common.add_common_args(p, backbone="resnet18")
     return p, p.parse_args(argv)
+
+
+def resolve_defaults(args):
+    """Defaults that depend on the run length, written into args (so the checkpoint keeps them)."""
+    if args.warmup_epochs is None:  # the paper's 10 epochs, at most 10% of the run
+        args.warmup_epochs = min(10.0, 0.1 * args.epochs)
 
 
 def check_args(args):
@@ -226,27 +232,27 @@ def main(argv=None):
     loader = common.make_loader(data.train, args.batch_size // world, shuffle=True, drop_last=True,
                                 workers=args.workers, seed=args.seed, rank=rank, world=world)
     steps_per_epoch = len(loader)
-    warmup = args.warmup_epochs if args.warmup_epochs is not None else min(10.0, 0.1 * args.epochs)
+    resolve_defaults(args)
     log.print(f"{data.name}: {len(data.train)} training images at {data.img_size}px, kNN on {len(data.memory)} "
               f"labelled / {len(data.test)} test images, {data.num_classes} classes; device {device} "
-              f"({autocast.dtype or torch.float32}, {fmt}), {world} process(es); warm-up {warmup:g} epochs; "
-              f"run folder {out}")
+              f"({autocast.dtype or torch.float32}, {fmt}), {world} process(es); warm-up {args.warmup_epochs:g} "
+              f"epochs; run folder {out}")
 
     # --- model, target, optimizer, schedule ---
     bb_kwargs = common.backbone_kwargs(args, data.img_size)
     encoder = common.build_backbone(args.backbone, **bb_kwargs)
-    hidden, dim = head_sizes(encoder.feature_dim, args.proj_hidden, args.proj_dim)
-    model = BYOL(encoder, hidden, dim, predictor=not args.no_predictor, bn=not args.no_bn)
+    args.proj_hidden, args.proj_dim = head_sizes(encoder.feature_dim, args.proj_hidden, args.proj_dim)
+    model = BYOL(encoder, args.proj_hidden, args.proj_dim, predictor=not args.no_predictor, bn=not args.no_bn)
     if world > 1:
         model = common.convert_sync_batchnorm(model, device)
     model = model.to(device, memory_format=fmt)
     target = make_target(model)
-    log.print(f"projector {encoder.feature_dim}-{hidden}-{dim}, predictor "
-              f"{'none' if args.no_predictor else f'{dim}-{hidden}-{dim}'}, BatchNorm in the heads: "
-              f"{not args.no_bn}, EMA tau_base {args.ema:g}")
+    h, d = args.proj_hidden, args.proj_dim
+    log.print(f"projector {encoder.feature_dim}-{h}-{d}, predictor {'none' if args.no_predictor else f'{d}-{h}-{d}'}, "
+              f"BatchNorm in the heads: {not args.no_bn}, EMA tau_base {args.ema:g}")
     lr = (args.lr or {"lars": 0.2, "sgd": 0.4, "adamw": 1e-3}[args.optimizer]) * args.batch_size / 256
     optimizer = make_optimizer(args.optimizer, param_groups(model, args.weight_decay), lr)
-    total_steps, warmup_steps = args.epochs * steps_per_epoch, int(warmup * steps_per_epoch)
+    total_steps, warmup_steps = args.epochs * steps_per_epoch, int(args.warmup_epochs * steps_per_epoch)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, total_steps, warmup_steps))
     start_epoch = common.restore(ckpt, rank, model=model, target=target, optimizer=optimizer, scheduler=scheduler,
                                  scaler=scaler)

@@ -25,7 +25,8 @@ def byol_loss_reference(p, z):
 def test_byol_loss_matches_reference_and_limits():
     g = torch.Generator().manual_seed(0)
     for n, d in [(1, 3), (4, 8), (16, 32)]:
-        p, z = torch.randn(n, d, generator=g, dtype=torch.double) * 3, torch.randn(n, d, generator=g, dtype=torch.double)
+        p = torch.randn(n, d, generator=g, dtype=torch.double) * 3
+        z = torch.randn(n, d, generator=g, dtype=torch.double)
         assert torch.allclose(byol.byol_loss(p, z), byol_loss_reference(p, z), atol=1e-10)
     p = torch.randn(5, 7, dtype=torch.double)
     assert byol.byol_loss(p, 2 * p).item() < 1e-12  # same direction: 0 whatever the scale
@@ -204,3 +205,34 @@ def test_byol_bad_input_errors(tmp_path):
     r = run_script("byol.py", "--ema", "2", "--device", "cpu", "--out", d)
     assert r.returncode == 1 and r.stderr.strip() == "error: --ema must be in [0, 1] (got 2.0)", r.stderr
 
+
+
+def test_collapse_monitor_detects_byol_without_predictor(tmp_path):
+    """--no-predictor collapses on shapes (the paper's table 5b): within 4 epochs every image gets nearly the same
+    projection and the monitor falls from ~0.8 (random init) below 0.15. Measured at the end of epoch 4 with this
+    command: 0.06, 0.04, 0.07 for seeds 0, 1, 2 (full BYOL stays at 0.45-0.8, see the next test and docs/byol.md)."""
+    s = run_byol(["--data", "shapes", "--shapes-n", "256", "64", "--width", "4", "--batch-size", "32", "--epochs", "4",
+                  "--optimizer", "sgd", "--lr", "0.4", "--weight-decay", "1e-3", "--crop-min-scale", "0.2",
+                  "--no-predictor", "--knn-every", "4", "--device", "cpu", "--log-every", "1000",
+                  "--out", str(tmp_path)])
+    rows = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
+    print(f"    collapse monitor per epoch {[round(r['collapse_std'], 3) for r in rows]}")
+    assert s["collapse_std"] < 0.15 and rows[0]["collapse_std"] > 2 * rows[-1]["collapse_std"], rows
+
+
+def test_byol_trains_on_shapes(tmp_path):
+    """End to end on the synthetic shapes, on the CPU: full BYOL does not collapse (monitor > 0.4) and its
+    representation classifies shapes better than a random-init encoder of the same architecture: weighted-kNN top-1
+    at least 5 points above (measured with this command: 39.0% vs 29.0% at seed 0; with --seed 1 and 2, which draw
+    other images too, 42.8% vs 34.0% and 38.6% vs 35.6%)."""
+    s = run_byol(["--data", "shapes", "--shapes-n", "1000", "500", "--width", "4", "--batch-size", "32",
+                  "--epochs", "5", "--optimizer", "sgd", "--lr", "0.4", "--weight-decay", "1e-3",
+                  "--crop-min-scale", "0.2", "--knn-every", "5", "--device", "cpu", "--log-every", "1000",
+                  "--out", str(tmp_path)])
+    base = random_init_knn(common.load_dataset("shapes", shapes_n=(1000, 500)), width=4, small_stem=True)
+    rows = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
+    print(f"    loss {rows[0]['loss']:.3f} -> {rows[-1]['loss']:.3f}, collapse monitor "
+          f"{rows[0]['collapse_std']:.3f} -> {rows[-1]['collapse_std']:.3f}; kNN {s['knn_top1']:.1f}% vs random "
+          f"init {base:.1f}%")
+    assert rows[-1]["collapse_std"] > 0.4, rows  # (BYOL's loss need not fall: its target moves)
+    assert s["knn_top1"] > base + 5, (s["knn_top1"], base)
