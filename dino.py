@@ -9,10 +9,12 @@ Centering (subtract a running mean of the teacher's outputs) and sharpening (a l
 teacher's output from collapsing to one dimension or to the uniform distribution. The teacher's encoder is kept.
 docs/dino.md has the details.
 
-    python dino.py --data shapes --shapes-n 2000 500 --width 8 --epochs 10 --batch-size 64 --local-crops 2 \\
-        --out-dim 1024 --head-hidden 512 --momentum-teacher 0.99 --device cpu   # offline, ~1 min on a CPU
-    python dino.py --data cifar10 --backbone vit_tiny --epochs 30 --batch-size 256 --device cpu  # CPU budget
-    python dino.py --data cifar10 --backbone vit_tiny --epochs 200 --batch-size 256 --local-crops 8  # one GPU
+    python dino.py --data shapes --shapes-n 1000 500 --width 4 --epochs 6 --batch-size 64 --local-crops 2 \\
+        --out-dim 256 --head-hidden 256 --bottleneck 64 --lr 2e-2 --momentum-teacher 0.9 --teacher-temp 0.04 \\
+        --device cpu                                                     # offline, under a minute on a CPU
+    python dino.py --data cifar10 --width 8 --epochs 4 --batch-size 256 --local-crops 2 --momentum-teacher 0.99 \\
+        --teacher-temp 0.04 --device cpu                                # CIFAR-10 in a ~30-minute CPU budget
+    python dino.py --data cifar10 --backbone vit_tiny --epochs 300 --batch-size 256     # one GPU, ViT-Tiny/4
     torchrun --nproc_per_node=4 dino.py --data imagenette --backbone vit_tiny --epochs 100     # 4 GPUs
 """
 import argparse
@@ -53,8 +55,10 @@ def get_args(argv=None):
     p.add_argument("--out-dim", type=int, default=4096, help="K, the head's outputs (paper: 65536 on ImageNet)")
     p.add_argument("--head-hidden", type=int, default=2048, help="hidden size of the head's 3-layer MLP")
     p.add_argument("--bottleneck", type=int, default=256, help="size of the head's L2-normalised bottleneck")
-    p.add_argument("--head-bn", action="store_true",
-                   help="BatchNorm after the head's two hidden layers (the reference's --use_bn_in_head)")
+    p.add_argument("--head-bn", default="auto", choices=["auto", "on", "off"],
+                   help="BatchNorm after the head's two hidden layers (the reference's --use_bn_in_head, off there). "
+                        "auto: on for ResNet and AlexNet backbones (without it they collapsed to a uniform output on "
+                        "shapes), off for the ViT")
     p.add_argument("--student-temp", type=float, default=0.1, help="student temperature")
     p.add_argument("--teacher-temp", type=float, default=0.07, help="teacher temperature after the warm-up")
     p.add_argument("--warmup-teacher-temp", type=float, default=0.04, help="teacher temperature at epoch 1")
@@ -63,7 +67,8 @@ def get_args(argv=None):
                         "30%% of --epochs)")
     p.add_argument("--center-momentum", type=float, default=0.9,
                    help="momentum of the center of the teacher's outputs (1 = no centering)")
-    p.add_argument("--local-crops", type=int, default=6, help="small crops per image (besides the 2 global crops)")
+    p.add_argument("--local-crops", type=int, default=8,
+                   help="small crops per image, besides the 2 global crops (the reference's default; paper: up to 10)")
     p.add_argument("--local-size", type=int, default=None,
                    help="side of the local crops in px (default: 96/224 of the image side, rounded to a multiple of "
                         "8 px: 16 px at 32 px, 96 px at 224 px)")
@@ -278,16 +283,18 @@ def main(argv=None):
     warmup = args.warmup_epochs if args.warmup_epochs is not None else min(10.0, 0.1 * args.epochs)
     temp_warmup = args.warmup_teacher_temp_epochs
     temp_warmup = temp_warmup if temp_warmup is not None else min(30, round(0.3 * args.epochs))
+    head_bn = args.head_bn == "on" or (args.head_bn == "auto" and not args.backbone.startswith("vit"))
     log.print(f"{data.name}: {len(data.train)} training images at {data.img_size}px, kNN on {len(data.memory)} "
               f"labelled / {len(data.test)} test images, {data.num_classes} classes; device {device} "
               f"({autocast.dtype or torch.float32}, {fmt}), {world} process(es); crops 2 x {data.img_size}px + "
               f"{args.local_crops} x {local_size}px, warm-up {warmup:g} epochs, teacher temperature "
-              f"{args.warmup_teacher_temp} -> {args.teacher_temp} over {temp_warmup} epochs; run folder {out}")
+              f"{args.warmup_teacher_temp} -> {args.teacher_temp} over {temp_warmup} epochs, head BatchNorm "
+              f"{'on' if head_bn else 'off'}; run folder {out}")
 
     # --- model, optimizer, schedule ---
     bb_kwargs = common.backbone_kwargs(args, data.img_size)
     model = DINO(common.build_backbone(args.backbone, **bb_kwargs), args.out_dim, args.head_hidden, args.bottleneck,
-                 args.head_bn)
+                 head_bn)
     teacher = copy.deepcopy(model).requires_grad_(False)  # same initial weights; updated only by the EMA
     teacher.register_buffer("center", torch.zeros(1, args.out_dim))  # saved and moved with the teacher
     if world > 1:
@@ -336,8 +343,8 @@ def main(argv=None):
         # --- end of epoch: kNN monitor (the teacher's encoder, as the paper evaluates), metrics, checkpoint ---
         metrics = {"epoch": epoch + 1, "loss": sums["loss"] / steps_per_epoch,
                    "teacher_entropy": sums["entropy"] / steps_per_epoch, "kl": sums["kl"] / steps_per_epoch,
-                   "lr": scheduler.get_last_lr()[0], "teacher_temp": now["teacher_temp"],
-                   "momentum": now["momentum"], "img_per_s": steps_per_epoch * args.batch_size / (time.time() - t_epoch)}
+                   "lr": scheduler.get_last_lr()[0], "teacher_temp": now["teacher_temp"], "momentum": now["momentum"],
+                   "img_per_s": steps_per_epoch * args.batch_size / (time.time() - t_epoch)}
         if rank == 0 and ((epoch + 1) % args.knn_every == 0 or epoch + 1 == args.epochs):
             knn_top1 = metrics["knn_top1"] = knn_monitor(teacher.encoder, data, device, args.knn_k,
                                                          args.knn_temperature, autocast, args.workers)

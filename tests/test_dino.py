@@ -168,17 +168,21 @@ def test_vit_tiny_encodes_at_32_and_224_px_and_load_encoder_rebuilds_it(tmp_path
     assert common.vit_patch_size(64) == 4 and common.vit_patch_size(128) == 8 and common.vit_patch_size(96) == 8
 
 
-def test_dino_vit_tiny_one_epoch_and_knn_eval_loads_it(tmp_path):
+def test_dino_vit_tiny_one_epoch_then_attention_maps(tmp_path):
     """dino.py with --backbone vit_tiny (local crops at 16 px through the interpolated position embedding); the
-    checkpoint's encoder is the teacher's ViT, which load_encoder rebuilds."""
-    s = dino.main(["--data", "shapes", "--shapes-n", "32", "16", "--backbone", "vit_tiny", "--batch-size", "16",
-                   "--epochs", "1", "--local-crops", "2", "--out-dim", "32", "--head-hidden", "32", "--bottleneck",
+    checkpoint's encoder is the teacher's ViT, which load_encoder rebuilds and visualize.py attention draws."""
+    import visualize
+    s = dino.main(["--data", "shapes", "--shapes-n", "16", "8", "--backbone", "vit_tiny", "--batch-size", "8",
+                   "--epochs", "1", "--local-crops", "1", "--out-dim", "32", "--head-hidden", "32", "--bottleneck",
                    "16", "--device", "cpu", "--knn-every", "1", "--log-every", "1000", "--out", str(tmp_path)])
     enc, ckpt = common.load_encoder(str(tmp_path / "last.pt"))
     assert isinstance(enc, common.ViT) and ckpt["backbone"]["kwargs"] == {"img_size": 32, "patch_size": 4}
     teacher_enc = {k[len("encoder."):]: v for k, v in ckpt["teacher"].items() if k.startswith("encoder.")}
     assert all(torch.equal(teacher_enc[k], v) for k, v in enc.state_dict().items())
     assert s["knn_top1"] is not None
+    path = visualize.main(["attention", "--ckpt", str(tmp_path / "last.pt"), "--n", "2", "--device", "cpu", "--out",
+                           str(tmp_path)])
+    assert path.endswith("attention.png") and os.path.getsize(path) > 1000
 
 
 # ================================================================================================================
@@ -223,6 +227,27 @@ def test_dino_resume_continues_exactly(tmp_path):
     assert c1["teacher"]["center"].abs().sum() > 0 and s["epochs"] == 2
 
 
+def test_no_centering_collapses_to_one_dimension_on_shapes(tmp_path):
+    """The paper's ablation (Fig. 7): sharpening without centering (--center-momentum 1 keeps the center at 0)
+    makes the teacher's output collapse towards one dimension: its entropy stays low and the student-teacher KL
+    falls towards 0; with centering the entropy rises and the KL stays clearly above. Without BatchNorm in the head,
+    as the paper (with it, the BatchNorm centres too, and both runs looked alike after 16 steps). Measured (2 epochs
+    of 8 steps, seeds 0-3, one thread): final entropy 1.35 0.74 0.62 0.87 vs 3.10 3.13 3.16 3.16 with centering
+    (ratio <= 0.43); KL 0.17 0.08 0.07 0.17 vs 0.91 0.82 0.99 0.84 (ratio <= 0.21)."""
+    rows = {}
+    for cm in ("1", "0.9"):
+        out = str(tmp_path / cm)
+        dino.main(["--data", "shapes", "--shapes-n", "256", "32", "--width", "4", "--batch-size", "32", "--device",
+                   "cpu", "--local-crops", "2", "--out-dim", "64", "--head-hidden", "64", "--bottleneck", "16",
+                   "--knn-every", "10", "--log-every", "1000", "--epochs", "2", "--lr", "2e-2", "--center-momentum",
+                   cm, "--head-bn", "off", "--out", out])
+        rows[cm] = [json.loads(x) for x in open(os.path.join(out, "metrics.jsonl"))][-1]
+    print(f"    no centering: entropy {rows['1']['teacher_entropy']:.2f} KL {rows['1']['kl']:.3f}; centering: "
+          f"entropy {rows['0.9']['teacher_entropy']:.2f} KL {rows['0.9']['kl']:.3f}")
+    assert rows["1"]["teacher_entropy"] < 0.6 * rows["0.9"]["teacher_entropy"], rows
+    assert rows["1"]["kl"] < 0.6 * rows["0.9"]["kl"], rows
+
+
 def test_dino_bad_input_errors(tmp_path):
     d = str(tmp_path)
     base = ["--data", "shapes", "--shapes-n", "64", "16", "--width", "4", "--device", "cpu", "--out", d]
@@ -241,25 +266,41 @@ def test_dino_bad_input_errors(tmp_path):
     assert r.returncode != 0 and r.stderr.strip().startswith("error: --student-temp"), r.stderr
 
 
+SHAPES_COMMAND = ["--data", "shapes", "--shapes-n", "1000", "500", "--width", "4", "--epochs", "6", "--batch-size",
+                  "64", "--local-crops", "2", "--out-dim", "256", "--head-hidden", "256", "--bottleneck", "64", "--lr",
+                  "2e-2", "--momentum-teacher", "0.9", "--teacher-temp", "0.04", "--knn-every", "6", "--device", "cpu",
+                  "--log-every", "1000"]
+
+
+def test_dino_trains_on_shapes(tmp_path):
+    """End to end on the synthetic shapes (docs/dino.md, Results): the teacher's encoder classifies shapes better
+    than a random-init encoder of the same architecture (weighted kNN), and the teacher has not collapsed (the
+    student-teacher KL stays away from 0). Measured with seed 0: 35.8% (one thread) and 37.2% (two threads) vs
+    29.0% random init, KL 0.51; seeds 1-4 gave +9.4, -4.2, +3.6, +9.6 points (SimCLR with the same budget:
+    +10.0, -6.6, +3.4, +6.2; seed 0 +10.4), so this small budget is noisy for both methods."""
+    s = dino.main(SHAPES_COMMAND + ["--out", str(tmp_path)])
+    base = random_init_knn(common.load_dataset("shapes", shapes_n=(1000, 500)), width=4, small_stem=True)
+    rows = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
+    print(f"    kNN {s['knn_top1']:.1f}% vs random init {base:.1f}%; teacher entropy {rows[-1]['teacher_entropy']:.2f} "
+          f"(log K = {torch.log(torch.tensor(256.0)):.2f}), KL {rows[-1]['kl']:.3f}")
+    assert s["knn_top1"] > base + 3, (s["knn_top1"], base)
+    assert rows[-1]["kl"] > 0.2, rows[-1]
+
+
 # ================================================================================================================
 # visualize.py attention
 # ================================================================================================================
-def test_visualize_attention_maps_of_a_vit_and_one_error_line_for_a_resnet(tmp_path):
+def test_visualize_attention_maps_and_one_error_line_for_a_resnet(tmp_path):
     import visualize
     torch.manual_seed(0)
     kw = {"img_size": 32, "patch_size": 4, "depth": 2}
     enc = common.build_backbone("vit_tiny", **kw).eval()
     args = {"data": "shapes", "shapes_n": [24, 16], "seed": 0}
-    vit = str(tmp_path / "vit.pt")
-    common.save_checkpoint(vit, method="dino", args=args, epoch=1, backbone={"name": "vit_tiny", "kwargs": kw},
-                           encoder=enc.state_dict(), img_size=32, data="shapes")
     x = torch.randn(3, 3, 32, 32)
     maps = visualize.cls_attention_maps(enc, x)
     attn = enc.last_attention(x)  # the [CLS] row of each head, without its own entry, as an 8x8 grid
     ref = attn[:, :, 0, 1:].reshape(3, 3, 8, 8)
     assert maps.shape == (3, 3, 8, 8) and torch.allclose(maps, ref / ref.amax((2, 3), keepdim=True), atol=1e-6)
-    path = visualize.main(["attention", "--ckpt", vit, "--n", "3", "--device", "cpu", "--out", str(tmp_path)])
-    assert path.endswith("attention.png") and os.path.getsize(path) > 1000
     res = str(tmp_path / "resnet.pt")
     common.save_checkpoint(res, method="simclr", args=args, epoch=1,
                            backbone={"name": "resnet18", "kwargs": {"width": 4, "small_stem": True}},
