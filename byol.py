@@ -96,12 +96,6 @@ VIEW1 = dict(blur_p=1.0, solarize_p=0.0)
 VIEW2 = dict(blur_p=0.1, solarize_p=0.2)
 
 
-def solarize(x, threshold=0.5, p=0.2):
-    """Per image, with probability p: every value v >= threshold becomes 1 - v (float images in [0, 1])."""
-    coin = (torch.rand(x.shape[0], device=x.device) < p).view(-1, 1, 1, 1)
-    return torch.where(coin & (x >= threshold), 1 - x, x)
-
-
 def byol_augment(x, size, blur_p, solarize_p, min_scale=0.08):
     """uint8 (N, 3, H, W) -> one normalised float view (N, 3, size, size); byol_augment(x, size, **VIEW1) and
     byol_augment(x, size, **VIEW2) give the two views."""
@@ -111,7 +105,7 @@ def byol_augment(x, size, blur_p, solarize_p, min_scale=0.08):
     x = color_jitter(x, 0.4, 0.4, 0.2, 0.1, p=0.8)
     x = random_grayscale(x, p=0.2)
     x = gaussian_blur(x, kernel_size=size // 10, sigma=(0.1, 2.0), p=blur_p)  # kernel ~10% of the side
-    x = solarize(x, p=solarize_p)
+    x = common.solarize(x, p=solarize_p)
     return normalize(x)
 
 

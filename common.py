@@ -672,6 +672,11 @@ def _jitter_in_order(y, factors, order, enabled):
     return y
 
 
+def solarize(x, threshold=0.5, p=0.2):
+    """Per image, with probability p, every value >= threshold becomes 1 - v (PIL's ImageOps.solarize on [0, 1])."""
+    return torch.where(_coin(x, p) & (x >= threshold), 1 - x, x)
+
+
 def random_grayscale(x, p=0.2):
     return torch.where(_coin(x, p), _gray(x).expand_as(x), x)
 
@@ -1021,7 +1026,7 @@ class RunLog:
     """Progress lines with speed and ETA, per-epoch metrics.jsonl, curves.png redrawn each epoch (rank 0 only)."""
     def __init__(self, out, args, enabled=True, start_epoch=0):
         self.out, self.enabled, self.args, self.start_epoch = out, enabled, args, start_epoch
-        self.t0, self.images = time.time(), 0
+        self.t0, self.images, self.t_plot = time.time(), 0, 0.0
         if not enabled:
             return
         os.makedirs(out, exist_ok=True)
@@ -1058,7 +1063,10 @@ class RunLog:
         print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()), flush=True)
         with open(os.path.join(self.out, "metrics.jsonl"), "a") as f:
             f.write(json.dumps(metrics) + "\n")
-        plot_curves(os.path.join(self.out, "metrics.jsonl"), os.path.join(self.out, "curves.png"))
+        # redrawn at the last epoch and at most every 30 s before (drawing costs 1-5 s on a small CPU)
+        if metrics.get("epoch") == getattr(self.args, "epochs", None) or time.time() - self.t_plot > 30:
+            plot_curves(os.path.join(self.out, "metrics.jsonl"), os.path.join(self.out, "curves.png"))
+            self.t_plot = time.time()
 
 
 def fmt_time(seconds):

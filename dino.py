@@ -108,12 +108,6 @@ def check_args(args):
 # Sizes scale with the data: global = the image side, local = 96/224 of it. Blur sigma (0.1-2 px at the paper's
 # crop size) scales with the crop side. common.py has no solarize block, so it is defined here.
 # ----------------------------------------------------------------------------------------------------------------
-def solarize(x, p=0.2, threshold=0.5):
-    """Per image, with probability p, invert every value >= threshold: x -> 1 - x (PIL's ImageOps.solarize)."""
-    coin = (torch.rand(x.shape[0], device=x.device) < p).view(-1, 1, 1, 1)
-    return torch.where(coin & (x >= threshold), 1 - x, x)
-
-
 def dino_augment(x, size, scale=(0.4, 1.0), blur_p=1.0, solarize_p=0.0, paper_size=224):
     """uint8 (N, 3, H, W) -> one normalised crop (N, 3, size, size); the defaults give the first global crop.
     paper_size: the side of this kind of crop in the paper (224 global, 96 local), which its blur sigma refers to."""
@@ -123,7 +117,7 @@ def dino_augment(x, size, scale=(0.4, 1.0), blur_p=1.0, solarize_p=0.0, paper_si
     x = color_jitter(x, 0.4, 0.4, 0.2, 0.1, p=0.8)
     x = random_grayscale(x, p=0.2)
     x = gaussian_blur(x, kernel_size=2 * math.ceil(3 * sigma[1]) + 1, sigma=sigma, p=blur_p)
-    x = solarize(x, p=solarize_p)
+    x = common.solarize(x, p=solarize_p)
     return normalize(x)
 
 

@@ -126,8 +126,8 @@ def test_multi_crop_shapes_and_solarize():
     assert [n for n, p in model.head.named_parameters() if not p.requires_grad] == \
         ["last_layer.parametrizations.weight.original0"]
     y = torch.rand(4, 3, 6, 6)
-    assert torch.equal(dino.solarize(y, p=0.0), y)
-    assert torch.equal(dino.solarize(y, p=1.0), torch.where(y >= 0.5, 1 - y, y))
+    assert torch.equal(common.solarize(y, p=0.0), y)
+    assert torch.equal(common.solarize(y, p=1.0), torch.where(y >= 0.5, 1 - y, y))
 
 
 def _last_block_by_hand(enc, x, attn):
