@@ -61,7 +61,7 @@ def add_common_args(parser, backbone="resnet18", training=True):
     group.add_argument("--shapes-n", type=int, nargs=2, default=[5000, 1000], metavar=("TRAIN", "TEST"),
                    help="number of training and test images of the synthetic `shapes` dataset")
     group.add_argument("--backbone", default=backbone, choices=list(BACKBONES), help="encoder architecture")
-    group.add_argument("--width", type=int, default=64, help="base width (64 = the standard network; 16 or 32 for CPU)")
+    group.add_argument("--width", type=int, default=64, help="base width of ResNet/AlexNet (64 = the standard network; 16 or 32 for CPU; ignored by vit_tiny)")
     group.add_argument("--no-sobel", action="store_true", help="AlexNet only: no fixed Sobel input layer (RGB input)")
     group.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
                    help="DataLoader worker processes for large images and decoding (default: min(4, CPU count))")

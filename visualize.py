@@ -45,6 +45,7 @@ from torchvision.transforms.functional import gaussian_blur
 import byol
 import common
 import deepcluster
+import moco
 import rotnet
 import simclr
 from common import center_resize, denormalize, fail, normalize, to_float
@@ -297,9 +298,13 @@ def _byol_recipe(x, size, saved):
     return byol.byol_augment(x, size, **byol.VIEW1, min_scale=saved.get("crop_min_scale", 0.08))  # the first view
 
 
+def _moco_recipe(x, size, saved):
+    return moco.moco_augment(x, size, saved.get("crop_min_scale", 0.2), saved.get("blur_prob", 0.5))
+
+
 # method -> f(uint8 images (N, 3, H, W), size, the checkpoint's flags) -> one normalised view (N, 3, size, size)
 RECIPES = {"simclr": _simclr_recipe, "deepcluster": _deepcluster_recipe, "rotnet": _rotnet_recipe,
-           "byol": _byol_recipe}
+           "byol": _byol_recipe, "moco": _moco_recipe}
 DEFAULT_RECIPE = "deepcluster"  # other methods: random resized crop + horizontal flip (DeepCluster's recipe)
 
 

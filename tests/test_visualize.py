@@ -13,6 +13,7 @@ from util import expect_exit, run_script
 import common
 import deepcluster
 import byol
+import moco
 import rotnet
 import simclr
 import visualize
@@ -135,7 +136,8 @@ def test_visualize_recipes_are_the_methods_own_functions():
     for method, ref in [("simclr", lambda: simclr.simclr_augment(x, 24, 0.5, 0.2)),
                         ("deepcluster", lambda: deepcluster.deepcluster_augment(x, 24, 0.2)),
                         ("rotnet", lambda: rotnet.rotnet_augment(x, 24)),
-                        ("byol", lambda: byol.byol_augment(x, 24, **byol.VIEW1, min_scale=0.2))]:
+                        ("byol", lambda: byol.byol_augment(x, 24, **byol.VIEW1, min_scale=0.2)),
+                        ("moco", lambda: moco.moco_augment(x, 24, 0.2, 0.5))]:
         aug, name = visualize.augmentation(method, saved)
         assert name.startswith(f"{method}.{method}_augment") and "crop_min_scale 0.2" in name, name
         torch.manual_seed(3)
