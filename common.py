@@ -823,6 +823,30 @@ def vit_patch_size(img_size):
     return 4 if img_size <= 64 else 8 if img_size <= 128 else 16
 
 
+def patch_grid(x, patch, stride):
+    """The grid of overlapping square patches of CPC (cpc.py): (N, C, H, W) -> (N, Gh, Gw, C, patch, patch), a view
+    (no copy) where [:, i, j] = x[:, :, i*stride : i*stride + patch, j*stride : j*stride + patch],
+    Gh = (H - patch) // stride + 1 (e.g. 8-px patches with stride 4 on 32 px: a 7x7 grid, each patch sharing half its
+    pixels with its neighbours)."""
+    return x.unfold(2, patch, stride).unfold(3, patch, stride).permute(0, 2, 3, 1, 4, 5)
+
+
+class PatchGridEncoder(nn.Module):
+    """CPC's encoder as an image encoder (`--backbone` of cpc.py on every patch): the image cut into patch_grid's
+    patches, the backbone applied to all N*Gh*Gw patches as one batch, its vectors mean-pooled over the grid ->
+    (N, feature_dim). Built by build_backbone("patch_grid", backbone=..., backbone_kwargs=..., patch=..., stride=...)
+    so that load_encoder rebuilds it from a cpc.py checkpoint."""
+    def __init__(self, backbone="resnet18", backbone_kwargs=None, patch=8, stride=4):
+        super().__init__()
+        self.backbone = build_backbone(backbone, **(backbone_kwargs or {}))
+        self.patch, self.stride, self.feature_dim = patch, stride, self.backbone.feature_dim
+
+    def forward(self, x):
+        p = patch_grid(x, self.patch, self.stride)  # (N, Gh, Gw, C, P, P)
+        z = self.backbone(p.reshape(-1, *p.shape[3:]))  # (N*Gh*Gw, D)
+        return z.view(*p.shape[:3], -1).mean((1, 2))
+
+
 BACKBONES = {"resnet18": 18, "resnet34": 34, "resnet50": 50, "alexnet": None, "vit_tiny": None}
 
 
@@ -836,6 +860,8 @@ def backbone_kwargs(args, img_size):
 
 
 def build_backbone(name, **kwargs):
+    if name == "patch_grid":  # cpc.py's checkpoints (not a --backbone choice: cpc.py builds it around one)
+        return PatchGridEncoder(**kwargs)
     if name not in BACKBONES:
         fail(f"unknown backbone '{name}': expected one of {', '.join(BACKBONES)}")
     if kwargs.get("width", 64) < 1:
@@ -974,12 +1000,27 @@ def setup_run(args):
 
 def restore(ckpt, rank, **objects):
     """--resume: load each object's state (model=..., optimizer=..., a None object is skipped) and this rank's RNG
-    from the checkpoint. Returns the epoch to start from (0 without a checkpoint)."""
+    from the checkpoint. Returns the epoch to start from (0 without a checkpoint).
+
+    The optimizer's hyperparameters (lr, weight decay, momentum, ...) and a LambdaLR's base learning rates come from
+    this run's flags, not from the checkpoint, so `--resume ... --lr 0.1` acts; the learning rate of the resumed
+    step is recomputed from the schedule of this run (with more --epochs the stretched cosine acts from the first
+    step). With unchanged flags every value equals the saved one."""
     if ckpt is None:
         return 0
+    optimizer, scheduler = objects.get("optimizer"), objects.get("scheduler")
+    fresh = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups] if optimizer else None
     for name, obj in objects.items():
         if obj is not None:
             obj.load_state_dict(ckpt[name])
+    if optimizer is not None:
+        for group, hyper in zip(optimizer.param_groups, fresh):
+            group.update(hyper)
+        if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+            scheduler.base_lrs = [g["initial_lr"] for g in optimizer.param_groups]
+            for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+                group["lr"] = base * factor(scheduler.last_epoch)
+            scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
     set_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
     return ckpt["epoch"]
 

@@ -407,3 +407,35 @@ def test_given_flags_sees_exact_equals_and_abbreviated_flags():
     argv = ["--temp", "0.2", "--epochs=3", "--out", "x", "--data", "shapes"]
     assert common.given_flags(parser, argv) == {"temperature", "epochs", "out", "data"}
     assert common.given_flags(parser, []) == set()
+
+
+def test_restore_takes_hyperparameters_and_schedule_from_this_runs_flags():
+    """--resume with a new --lr / --weight-decay / --epochs acts from the first resumed step (the optimizer's and
+    LambdaLR's saved state used to override them); with unchanged flags the restored values equal the saved ones."""
+    def build(lr, wd, total):
+        model = nn.Linear(3, 2)
+        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=wd)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: common.warmup_cosine(s, total, 2))
+        return model, opt, sched
+
+    model, opt, sched = build(0.5, 1e-4, 10)
+    for _ in range(6):
+        model(torch.randn(4, 3)).sum().backward()
+        opt.step()
+        sched.step()
+    ckpt = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+            "rng": [common.rng_state()], "epoch": 3}
+    saved_lr = opt.param_groups[0]["lr"]
+
+    model2, opt2, sched2 = build(0.5, 1e-4, 10)          # same flags: the saved values, exactly
+    assert common.restore(ckpt, 0, model=model2, optimizer=opt2, scheduler=sched2) == 3
+    assert opt2.param_groups[0]["lr"] == saved_lr and sched2.get_last_lr() == [saved_lr]
+    assert opt2.state_dict()["state"][0]["momentum_buffer"].equal(opt.state_dict()["state"][0]["momentum_buffer"])
+
+    model3, opt3, sched3 = build(0.1, 5e-4, 20)          # --lr 0.1 --weight-decay 5e-4, twice the steps
+    common.restore(ckpt, 0, model=model3, optimizer=opt3, scheduler=sched3)
+    assert sched3.last_epoch == 6
+    assert math.isclose(opt3.param_groups[0]["lr"], 0.1 * common.warmup_cosine(6, 20, 2), rel_tol=1e-12)
+    assert opt3.param_groups[0]["weight_decay"] == 5e-4 and sched3.base_lrs == [0.1]
+    sched3.step()
+    assert math.isclose(opt3.param_groups[0]["lr"], 0.1 * common.warmup_cosine(7, 20, 2), rel_tol=1e-12)
