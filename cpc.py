@@ -36,7 +36,7 @@ def add_cpc_args(p):
     """CPC's method flags."""
     p.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd", "lars"], help="optimizer (CPC v2: Adam)")
     p.add_argument("--lr", type=float, default=None,
-                   help="base learning rate per 256 images, scaled by batch-size/256 (default: adamw 2e-3, sgd 0.3, "
+                   help="base learning rate per 256 images, scaled by batch-size/256 (default: adamw 1e-2, sgd 0.3, "
                         "lars 1.0)")
     p.add_argument("--weight-decay", type=float, default=1e-4, help="weight decay (not on biases and BatchNorm)")
     p.add_argument("--warmup-epochs", type=float, default=None,
@@ -316,7 +316,7 @@ def main(argv=None):
     if world > 1:
         model = common.convert_sync_batchnorm(model, device)
     model = model.to(device, memory_format=fmt)
-    lr = (args.lr or {"lars": 1.0, "sgd": 0.3, "adamw": 2e-3}[args.optimizer]) * args.batch_size / 256
+    lr = (args.lr or {"lars": 1.0, "sgd": 0.3, "adamw": 1e-2}[args.optimizer]) * args.batch_size / 256
     optimizer = make_optimizer(args.optimizer, param_groups(model, args.weight_decay), lr)
     total_steps, warmup_steps = args.epochs * steps_per_epoch, int(args.warmup_epochs * steps_per_epoch)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, total_steps, warmup_steps))
