@@ -268,8 +268,8 @@ def plot_grid(image, patch, stride, pred_steps, path, row=1, col=3):
         if row + k < G:
             a2.add_patch(Rectangle((col * step - 1, (row + k) * step - 1), patch + 1, patch + 1, fill=False,
                                    ec="tab:red", lw=2))
-            a2.text(col * step + patch + 1, (row + k) * step + patch / 2, f" k={k}", color="tab:red", va="center",
-                    fontsize=8)
+            a2.text(col * step + patch + 1, (row + k) * step + patch / 2, f"k={k}", color="tab:red", va="center",
+                    fontsize=8, bbox={"fc": "white", "ec": "none", "pad": 0.5})
     a2.set_title(f"the grid apart: context c at ({row}, {col}) sees the shaded rows <= {row};\nW_k c must pick the "
                  f"red patch k rows below among all patches of the batch", fontsize=9)
     a2.axis("off")
