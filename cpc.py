@@ -8,9 +8,9 @@ a linear map W_k of c_ij predicts the patch k rows below, z_{i+k,j}, and InfoNCE
 true z among every other patch of the batch. The representation is z mean-pooled over the grid (an image encoder:
 common.PatchGridEncoder). docs/cpc.md has the details and a figure of the grid and the targets.
 
-    python cpc.py --data shapes --shapes-n 2000 500 --width 4 --epochs 4 --batch-size 64 --device cpu
-                                                                         # offline quick start, ~30 s on a CPU
-    python cpc.py --data cifar10 --width 8 --epochs 2 --batch-size 256 --device cpu  # CIFAR-10, the CPU budget
+    python cpc.py --data shapes --shapes-n 1920 500 --width 4 --epochs 1 --batch-size 32 --lr 0.08 --device cpu
+                                                        # offline quick start (the test's run), < 1 min on a CPU
+    python cpc.py --data cifar10 --width 8 --epochs 1 --batch-size 256 --device cpu  # CIFAR-10, ~1 h on a CPU core
     python cpc.py --data cifar10 --epochs 200 --batch-size 512           # GPU: ResNet-18 on the 7x7 grid
     torchrun --nproc_per_node=4 cpc.py --data imagenette --epochs 100    # 4 GPUs, negatives of the global batch
     python cpc.py --data shapes --plot-grid docs/cpc/grid.png            # the figure of the grid and the targets
