@@ -206,28 +206,9 @@ def cpc_loss(z, z_hat, candidates=None, first=0):
     return torch.stack(losses).mean(), torch.stack(hits).mean()
 
 
-# ================================================================================================================
-# ALGO LOGIC: one CPC update
-# ================================================================================================================
-def train_step(model, patches, optimizer, scheduler, scaler, autocast, world=1, rank=0):
-    """Augmented patches (N, G, G, 3, P, P) -> one optimiser step. Returns (loss, prediction accuracy).
-
-    Under torchrun every rank's z are gathered: each rank's predictions pick their target among the patches of the
-    global batch (as SimCLR's negatives), and the gather back-propagates to the rank that owns each patch."""
-    with autocast():
-        z, z_hat = model(patches)
-    z, z_hat = z.float(), z_hat.float()  # the loss is computed in fp32
-    candidates = common.all_gather_with_grad(z) if world > 1 else z  # (world*N, G, G, D), rank order
-    loss, acc = cpc_loss(z, z_hat, candidates, first=rank * z.shape[0])
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    scaler.step(optimizer)
-    scaler.update()
-    scheduler.step()
-    return loss.item(), acc.item()
-
-
-# ================================================================================================================
+# ----------------------------------------------------------------------------------------------------------------
+# Figure (--plot-grid): the grid and the prediction targets of one image, for docs/cpc.md.
+# ----------------------------------------------------------------------------------------------------------------
 def plot_grid(image, patch, stride, pred_steps, path, row=1, col=3):
     """The figure of docs/cpc.md: one image (uint8 (3, S, S)) with its grid of patches, and the grid drawn apart
     with the context c_{row,col}'s receptive field (rows <= row) and its targets z_{row+k,col}, k = 1..K."""
@@ -279,6 +260,28 @@ def plot_grid(image, patch, stride, pred_steps, path, row=1, col=3):
     plt.close(fig)
 
 
+# ================================================================================================================
+# ALGO LOGIC: one CPC update
+# ================================================================================================================
+def train_step(model, patches, optimizer, scheduler, scaler, autocast, world=1, rank=0):
+    """Augmented patches (N, G, G, 3, P, P) -> one optimiser step. Returns (loss, prediction accuracy).
+
+    Under torchrun every rank's z are gathered: each rank's predictions pick their target among the patches of the
+    global batch (as SimCLR's negatives), and the gather back-propagates to the rank that owns each patch."""
+    with autocast():
+        z, z_hat = model(patches)
+    z, z_hat = z.float(), z_hat.float()  # the loss is computed in fp32
+    candidates = common.all_gather_with_grad(z) if world > 1 else z  # (world*N, G, G, D), rank order
+    loss, acc = cpc_loss(z, z_hat, candidates, first=rank * z.shape[0])
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    scheduler.step()
+    return loss.item(), acc.item()
+
+
+# ================================================================================================================
 def main(argv=None):
     parser, args = get_args(argv)
     args, ckpt = common.resume_checkpoint(parser, argv, args, METHOD)
@@ -286,7 +289,7 @@ def main(argv=None):
     device, rank, world = common.setup_run(args)
     autocast, scaler = common.setup_amp(args.amp, device)
     fmt = common.memory_format(device, args.channels_last)
-    if args.plot_grid:  # the figure only: one test image of --data (the first of its class 0 ... any)
+    if args.plot_grid:  # the figure only, for the first test image of --data
         data = common.dataset_from_args(args, log=lambda *a: None)
         resolve_defaults(args, data.img_size)
         check_grid(data.img_size, args.patch_size, args.patch_stride, args.pred_steps)
