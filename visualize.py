@@ -45,6 +45,7 @@ from torchvision.transforms.functional import gaussian_blur
 import byol
 import common
 import deepcluster
+import dino
 import moco
 import rotnet
 import simclr
@@ -302,9 +303,13 @@ def _moco_recipe(x, size, saved):
     return moco.moco_augment(x, size, saved.get("crop_min_scale", 0.2), saved.get("blur_prob", 0.5))
 
 
+def _dino_recipe(x, size, saved):
+    return dino.dino_augment(x, size, tuple(saved.get("global_scale", (0.4, 1.0))))  # the first global crop
+
+
 # method -> f(uint8 images (N, 3, H, W), size, the checkpoint's flags) -> one normalised view (N, 3, size, size)
 RECIPES = {"simclr": _simclr_recipe, "deepcluster": _deepcluster_recipe, "rotnet": _rotnet_recipe,
-           "byol": _byol_recipe, "moco": _moco_recipe}
+           "byol": _byol_recipe, "moco": _moco_recipe, "dino": _dino_recipe}
 DEFAULT_RECIPE = "deepcluster"  # other methods: random resized crop + horizontal flip (DeepCluster's recipe)
 
 

@@ -12,6 +12,7 @@ from PIL import Image
 from util import expect_exit, run_script
 import common
 import deepcluster
+import dino
 import byol
 import moco
 import rotnet
@@ -137,8 +138,9 @@ def test_visualize_recipes_are_the_methods_own_functions():
                         ("deepcluster", lambda: deepcluster.deepcluster_augment(x, 24, 0.2)),
                         ("rotnet", lambda: rotnet.rotnet_augment(x, 24)),
                         ("byol", lambda: byol.byol_augment(x, 24, **byol.VIEW1, min_scale=0.2)),
-                        ("moco", lambda: moco.moco_augment(x, 24, 0.2, 0.5))]:
-        aug, name = visualize.augmentation(method, saved)
+                        ("moco", lambda: moco.moco_augment(x, 24, 0.2, 0.5)),
+                        ("dino", lambda: dino.dino_augment(x, 24, (0.3, 0.9)))]:
+        aug, name = visualize.augmentation(method, dict(saved, global_scale=[0.3, 0.9]))
         assert name.startswith(f"{method}.{method}_augment") and "crop_min_scale 0.2" in name, name
         torch.manual_seed(3)
         got = aug(x, 24)
