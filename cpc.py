@@ -152,8 +152,8 @@ class ContextNetwork(nn.Module):
     def __init__(self, dim, hidden, layers):
         super().__init__()
         self.inp = nn.Conv2d(dim, hidden, 1)
-        self.blocks = nn.ModuleList(nn.Sequential(nn.ReLU(), MaskedConv2d(hidden), nn.ReLU(), nn.Conv2d(hidden, hidden, 1))
-                                    for _ in range(layers))
+        self.blocks = nn.ModuleList(nn.Sequential(nn.ReLU(), MaskedConv2d(hidden), nn.ReLU(),
+                                                  nn.Conv2d(hidden, hidden, 1)) for _ in range(layers))
 
     def forward(self, z):
         x = self.inp(z)
