@@ -473,6 +473,8 @@ def what_to_evaluate(args, given, device):
         for k in ("data_dir", "img_size", "imagenette_size", "shapes_n"):
             if k in saved and k not in given:
                 setattr(args, k, saved[k])
+        if args.data == "shapes" and "seed" in saved and "seed" not in given:
+            args.seed = saved["seed"]  # shapes draws its images from the seed: the run's images, unless --seed
     label = f"{ckpt.get('method', '?')} checkpoint {args.ckpt} (epoch {ckpt.get('epoch')})"
     return encoder, ckpt, ckpt["backbone"]["name"], label
 

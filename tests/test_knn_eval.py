@@ -163,11 +163,12 @@ def test_knn_eval_setup_follows_the_encoder_device():
 # ================================================================================================================
 # end to end, flags, bad input
 # ================================================================================================================
-def _ckpt(d, name="resnet18", **kw):
+def _ckpt(d, name="resnet18", seed=None, **kw):
     torch.manual_seed(0)
     enc = common.build_backbone(name, **kw)
     path = os.path.join(d, "last.pt")
-    common.save_checkpoint(path, method="simclr", args={"data": "shapes", "shapes_n": [300, 100]}, epoch=3, step=9,
+    args = {"data": "shapes", "shapes_n": [300, 100], **({"seed": seed} if seed is not None else {})}
+    common.save_checkpoint(path, method="simclr", args=args, epoch=3, step=9,
                            backbone={"name": name, "kwargs": kw}, encoder=enc.state_dict(), img_size=32, data="shapes")
     return path
 
@@ -202,6 +203,16 @@ def test_knn_eval_end_to_end_checkpoint_random_init_pixels(tmp_path):
     progress = [line.split(" batches")[0] for line in out.getvalue().splitlines() if " batches |" in line]
     assert progress == ["memory split: features 2/8", "memory split: features 4/8", "memory split: features 6/8",
                         "memory split: features 8/8", "test split: features 2/3", "test split: features 3/3"], progress
+
+
+def test_knn_eval_reads_a_shapes_checkpoint_with_the_runs_seed(tmp_path):
+    """shapes draws its images from --seed: a checkpoint trained with --seed 1 is evaluated on the seed-1 images
+    unless --seed is given again (it used to take knn_eval's default seed 0, i.e. other images)."""
+    path = _ckpt(str(tmp_path), seed=1, width=4, small_stem=True)
+    knn = ["--protocols", "knn"] + CPU + KNN
+    top1 = lambda extra: knn_eval.main(["--ckpt", path] + knn + extra)["rows"][0]["top1"]
+    default, one, zero = top1([]), top1(["--seed", "1"]), top1(["--seed", "0"])
+    assert default == one and default != zero, (default, one, zero)
 
 
 def test_knn_eval_alexnet_layers_mlp_and_supervised_baseline(tmp_path):
