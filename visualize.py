@@ -10,7 +10,7 @@ of its network, for comparison). Each sub-command writes one PNG into --out.
                 matrix of their embeddings and how often the most similar view-2 is the right one; with --ckpt2,
                 the difference of the two matrices
     augment     originals and several augmented views of each
-    curves      training curves of one or more runs' metrics.jsonl
+    curves      training curves of one or more runs' metrics.jsonl, or per step from their saved output (.log)
     fewshot     test top-1 against labels per class from knn_eval.py's few-shot JSON, several encoders
     embedding   a 2-D PCA projection of the test-set features, coloured by class
     attention   ViT only: the last block's [CLS]-to-patch attention of each head over a few images (DINO, Fig. 3)
@@ -33,6 +33,7 @@ import argparse
 import json
 import math
 import os
+import re
 import time
 
 import numpy as np
@@ -116,8 +117,10 @@ def get_args(argv=None):
     s.add_argument("--n", type=int, default=6, help="number of images (a seeded random subset of the split)")
     s.add_argument("--views", type=int, default=5, help="augmented views per image")
 
-    s = sub.add_parser("curves", parents=[out], help="training curves of runs (metrics.jsonl)")
-    s.add_argument("--run", nargs="+", required=True, help="run folder(s) or metrics.jsonl file(s)")
+    s = sub.add_parser("curves", parents=[out], help="training curves of runs (metrics.jsonl or a saved output)")
+    s.add_argument("--run", nargs="+", required=True,
+                   help="run folder(s) or metrics.jsonl file(s) (a point per epoch), or a training script's saved "
+                        "output, a .log file (a point per progress line)")
 
     s = sub.add_parser("fewshot", parents=[out], help="test top-1 against labels per class")
     s.add_argument("--json", nargs="+", required=True, help="few-shot JSON file(s) of knn_eval.py")
@@ -535,7 +538,43 @@ def cmd_augment(args, device):
     return save(plt, fig, args.out, f"augment-{method}.png")
 
 
+PROGRESS_LINE = re.compile(r"^epoch (\d+)/\d+ step (\d+)/(\d+) (.*?) \|")  # RunLog.step's progress line
+EPOCH_LINE = re.compile(r"^epoch (\d+) (\S.*)$")  # RunLog.epoch's line: epoch E name value name value ...
+
+
+def read_log(path):
+    """Rows of a training script's saved output (`python byol.py ... > run.log`): one per progress line (every
+    --log-every steps) at the fractional epoch (epoch - 1 + step / steps) with its metrics, and, at the whole epoch,
+    the metrics of the end-of-epoch lines that the progress lines lack (e.g. knn_top1). Per-step points show what
+    happens inside the first epochs, which metrics.jsonl (one row per epoch) cannot."""
+    def pairs(text):  # "loss 1.2 lr 0.1" -> {"loss": 1.2, "lr": 0.1}; non-numbers are left out
+        tokens, out = text.split(), {}
+        for key, value in zip(tokens[::2], tokens[1::2]):
+            try:
+                out[key] = float(value)
+            except ValueError:
+                pass
+        return out
+
+    steps, ends = [], []
+    for line in open(path, errors="replace"):
+        if m := PROGRESS_LINE.match(line):
+            steps.append({"epoch": int(m[1]) - 1 + int(m[2]) / int(m[3]), **pairs(m[4])})
+        elif m := EPOCH_LINE.match(line):
+            ends.append({"epoch": int(m[1]), **pairs(m[2])})
+    per_step = {k for r in steps for k in r}
+    rows = steps + [{k: v for k, v in r.items() if k == "epoch" or k not in per_step} for r in ends]
+    return sorted(rows, key=lambda r: r["epoch"])
+
+
 def read_metrics(run):
+    if run.endswith(".log"):
+        if not os.path.isfile(run):
+            fail(f"no such log file: {run}")
+        rows = read_log(run)
+        if not rows:
+            fail(f"{run} has no progress or epoch lines (expected a training script's saved output)")
+        return rows
     path = run if run.endswith(".jsonl") else os.path.join(run, "metrics.jsonl")
     if not os.path.isfile(path):
         fail(f"no metrics.jsonl in {run}")
@@ -546,7 +585,7 @@ def read_metrics(run):
 
 
 def cmd_curves(args, device):
-    runs = [(os.path.basename(os.path.normpath(r)), read_metrics(r)) for r in args.run]
+    runs = [(os.path.basename(os.path.normpath(r)).removesuffix(".log"), read_metrics(r)) for r in args.run]
     keys = []
     for _, rows in runs:  # numeric metrics, in order of appearance
         keys += [k for r in rows for k, v in r.items()
@@ -559,8 +598,8 @@ def cmd_curves(args, device):
         ax = fig.add_subplot(rows_n, cols, i + 1)
         for name, rows in runs:
             pts = [(r["epoch"], r[k]) for r in rows if isinstance(r.get(k), (int, float))]
-            if pts:
-                ax.plot(*zip(*pts), marker="o", ms=3, label=name)
+            if pts:  # markers only where there are few points (per-epoch rows), not on per-step curves
+                ax.plot(*zip(*pts), marker="o" if len(pts) <= 30 else None, ms=3, label=name)
         ax.set_title(k, fontsize=9)
         ax.set_xlabel("epoch", fontsize=8)
         ax.grid(alpha=0.3)

@@ -181,6 +181,18 @@ def test_visualize_every_subcommand_writes_a_png(tmp_path):
     with open(os.path.join(run, "metrics.jsonl"), "w") as f:
         f.writelines(json.dumps({"epoch": e, "loss": 5 / e, "knn_top1": 10.0 * e}) + "\n" for e in range(1, 5))
     _check_png(visualize.main(["curves", "--run", run, os.path.join(run, "metrics.jsonl"), "--out", d]), (800, 300))
+    log = os.path.join(d, "byol-run.log")  # a training script's saved output: per-step points
+    with open(log, "w") as f:
+        f.write("cifar10: 50000 training images at 32px\n"
+                "epoch 1/2 step 20/40 loss 2.5 collapse_std 0.8 | 90 img/s | ETA 0:01:00\n"
+                "epoch 1/2 step 40/40 loss 1.5 collapse_std 0.6 | 90 img/s | ETA 0:00:30\n"
+                "epoch 1 loss 2.0 collapse_std 0.7 img_per_s 90.1 knn_top1 31.5\n"
+                "epoch 2/2 step 20/40 loss 1.0 collapse_std 0.5 | 91 img/s | ETA 0:00:15\n"
+                "summary {\"knn_top1\": 31.5}\n")
+    rows = visualize.read_log(log)
+    assert rows == [{"epoch": 0.5, "loss": 2.5, "collapse_std": 0.8}, {"epoch": 1.0, "loss": 1.5, "collapse_std": 0.6},
+                    {"epoch": 1, "img_per_s": 90.1, "knn_top1": 31.5}, {"epoch": 1.5, "loss": 1.0, "collapse_std": 0.5}]
+    _check_png(visualize.main(["curves", "--run", log, run, "--out", d]), (1200, 600))  # 4 metrics
     paths = []
     for i, name in enumerate(["simclr", "deepcluster"]):  # knn_eval.py's JSON
         rows = [{"protocol": "few-shot linear probe", "labels_per_class": n, "top1": 20.0 + 5 * i + n / 10}
@@ -254,6 +266,7 @@ def test_visualize_bad_input_errors(tmp_path):
     cpu = ["--device", "cpu", "--out", d]
     json.dump({"rows": [{"protocol": "weighted kNN", "top1": 50.0}]}, open(os.path.join(d, "knn.json"), "w"))
     open(os.path.join(d, "bad.json"), "w").write("{not json")
+    open(os.path.join(d, "bad.log"), "w").write("Traceback (most recent call last):\n")
     os.makedirs(os.path.join(d, "empty-run"))
     open(os.path.join(d, "empty-run", "metrics.jsonl"), "w").close()
     cases = [  # (command line, words the one-line error must contain)
@@ -271,6 +284,8 @@ def test_visualize_bad_input_errors(tmp_path):
         (["filters", "--ckpt", os.path.join(d, "missing.pt")], ["checkpoint not found"]),
         (["curves", "--run", d], ["no metrics.jsonl"]),
         (["curves", "--run", os.path.join(d, "empty-run")], ["has no epochs"]),
+        (["curves", "--run", os.path.join(d, "missing.log")], ["no such log file"]),
+        (["curves", "--run", os.path.join(d, "bad.log")], ["has no progress or epoch lines"]),
         (["fewshot", "--json", os.path.join(d, "knn.json")], ["no few-shot rows"]),
         (["fewshot", "--json", os.path.join(d, "bad.json")], ["cannot read"]),
     ]
