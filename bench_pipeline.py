@@ -78,7 +78,7 @@ def main(argv=None):
     print(f"{data.name} {size}px, {args.backbone} width {args.width}, batch {bs}, device {device}, {dtype}, {fmt}, "
           f"{torch.get_num_threads()} threads{', compiled' if args.compile else ''}")
 
-    train_model = common.compile_model(model, device) if args.compile else model
+    train_model = common.compile_model(model, fmt) if args.compile else model
 
     def train_step(v1, v2):
         simclr.train_step(train_model, v1, v2, optimizer, scheduler, scaler, autocast, args.temperature)

@@ -129,22 +129,28 @@ def setup_amp(amp, device):
     return autocast, scaler
 
 
+def cpu_has_avx512():
+    """True where the CPU has AVX-512 (torch reports avx512_f): there oneDNN's channels_last kernels are fast and safe."""
+    return bool(torch.cpu.get_capabilities().get("avx512_f"))
+
+
 def memory_format(device, channels_last="auto"):
     """The memory format of the model and its inputs (--channels-last). auto: channels_last (NHWC) on CUDA and on
     CPUs with AVX-512, where it is faster (1.4x fp32, 1.1x bf16 at width 16 on a Zen 5); plain NCHW elsewhere:
     on an AVX2-only Zen 3, torch 2.14.1's oneDNN crashed (double free / segfault) training a width-4 ResNet-18 in
     channels_last at fp32, and hung with 2 threads. `on` forces it (at your own risk on such CPUs)."""
     if channels_last == "auto":
-        use = device.type == "cuda" or (device.type == "cpu" and bool(torch.cpu.get_capabilities().get("avx512_f")))
+        use = device.type == "cuda" or (device.type == "cpu" and cpu_has_avx512())
     else:
         use = channels_last == "on"
     return torch.channels_last if use else torch.contiguous_format
 
 
-def compile_model(model, device):
-    """torch.compile (--compile). On CPUs without AVX-512, inductor's layout optimisation is turned off: it converts
-    convolutions to channels_last, which hits the oneDNN crash of memory_format() (a `double free`, measured)."""
-    if memory_format(device) != torch.channels_last:
+def compile_model(model, memory_format):
+    """torch.compile (--compile). In a run that is not channels_last (`memory_format`, the run's resolved format),
+    inductor's layout optimisation is turned off: it converts convolutions to channels_last, which hits the oneDNN
+    crash of memory_format() on AVX2-only CPUs (a `double free`, measured), and the run asked for NCHW."""
+    if memory_format != torch.channels_last:
         import torch._inductor.config as inductor_config
         inductor_config.layout_optimization = False
     return torch.compile(model)

@@ -419,7 +419,7 @@ def main(argv=None):
                                 momentum=args.momentum, weight_decay=args.weight_decay)
     start_epoch = common.restore(ckpt, rank, model=model, optimizer=optimizer, scaler=scaler)
     prev_assign = ckpt["assignments"] if ckpt else None
-    train_model = common.compile_model(model, device) if args.compile else model
+    train_model = common.compile_model(model, fmt) if args.compile else model
     if world > 1:
         train_model = nn.parallel.DistributedDataParallel(
             train_model, device_ids=[device.index] if device.type == "cuda" else None)

@@ -260,7 +260,7 @@ def train_setting(args, shared, data, digits, memory, test, device, autocast, sc
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: common.warmup_cosine(step, total_steps, warmup_steps))
     start_epoch = common.restore(ckpt, 0, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
-    train_model = common.compile_model(model, device) if args.compile else model
+    train_model = common.compile_model(model, fmt) if args.compile else model
     log.print(f"[{shared}] views share: {ROW_NAMES[shared]}; {steps_per_epoch} steps per epoch, jitter "
               f"{args.jitter_strength}, warm-up {args.warmup_epochs:g} epochs"
               + (f"; resumed from {ckpt_path} at epoch {start_epoch}" if ckpt else ""))

@@ -343,8 +343,8 @@ def main(argv=None):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, total_steps, warmup_steps))
     start_epoch = common.restore(ckpt, rank, model=model, key_model=key_model, queue=queue, optimizer=optimizer,
                                  scheduler=scheduler, scaler=scaler)
-    train_model = common.compile_model(model, device) if args.compile else model
-    key_train_model = common.compile_model(key_model, device) if args.compile else key_model
+    train_model = common.compile_model(model, fmt) if args.compile else model
+    key_train_model = common.compile_model(key_model, fmt) if args.compile else key_model
     if world > 1:
         train_model = nn.parallel.DistributedDataParallel(
             train_model, device_ids=[device.index] if device.type == "cuda" else None)
