@@ -65,20 +65,20 @@ def main(argv=None):
     device = common.get_device(args.device)
     common.seed_everything(args.seed)
     autocast, scaler = common.setup_amp(args.amp, device)
-    fmt = common.memory_format(device, args.channels_last)
+    memory_format = common.memory_format(device, args.channels_last)
     data = common.dataset_from_args(args)
     size, bs = data.img_size, args.batch_size
     s = args.jitter_strength if args.jitter_strength is not None else (0.5 if size < 96 else 1.0)
     model = simclr.SimCLR(common.build_backbone(args.backbone, **common.backbone_kwargs(args, size)),
-                          args.proj_hidden, args.proj_dim).to(device, memory_format=fmt)
-    lr = (args.lr or {"lars": 1.0, "sgd": 0.3, "adamw": 1e-3}[args.optimizer]) * bs / 256
-    optimizer = simclr.make_optimizer(args.optimizer, simclr.param_groups(model, args.weight_decay), lr)
+                          args.proj_hidden, args.proj_dim).to(device, memory_format=memory_format)
+    lr = common.scaled_lr(args.lr, bs, simclr.BASE_LR, args.optimizer)
+    optimizer = common.make_optimizer(args.optimizer, common.param_groups(model, args.weight_decay), lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     dtype = autocast.dtype or torch.float32
-    print(f"{data.name} {size}px, {args.backbone} width {args.width}, batch {bs}, device {device}, {dtype}, {fmt}, "
-          f"{torch.get_num_threads()} threads{', compiled' if args.compile else ''}")
+    print(f"{data.name} {size}px, {args.backbone} width {args.width}, batch {bs}, device {device}, {dtype}, "
+          f"{memory_format}, {torch.get_num_threads()} threads{', compiled' if args.compile else ''}")
 
-    train_model = common.compile_model(model, fmt) if args.compile else model
+    train_model = common.compile_model(model, memory_format) if args.compile else model
 
     def train_step(v1, v2):
         simclr.train_step(train_model, v1, v2, optimizer, scheduler, scaler, autocast, args.temperature)
@@ -86,10 +86,11 @@ def main(argv=None):
 
     peak = matmul_peak(device, dtype)
     x0 = data.train[list(range(min(bs, len(data.train))))][0].to(device)
-    views = torch.cat([simclr.simclr_augment(x0, size, s, args.crop_min_scale)] * 2).contiguous(memory_format=fmt)
+    views = torch.cat([simclr.simclr_augment(x0, size, s, args.crop_min_scale)] * 2)
+    views = views.contiguous(memory_format=memory_format)
     flops_per_image = step_flops(model, views, autocast) / x0.shape[0]  # both views of one image
     result = {"matmul_peak_gflops": peak, "gflop_per_image": flops_per_image / 1e9, "dtype": str(dtype),
-              "memory_format": str(fmt)}
+              "memory_format": str(memory_format)}
     print(f"matmul peak ({dtype}, 2048^2): {peak:.0f} GFLOP/s | model: {flops_per_image / 1e9:.3f} GFLOP per "
           f"training image (forward + backward, two views)")
 
@@ -105,8 +106,8 @@ def main(argv=None):
             t0 = time.perf_counter()
             x = x.to(device, non_blocking=True)
             with torch.no_grad():
-                v1, v2 = (simclr.simclr_augment(x, size, s, args.crop_min_scale).contiguous(memory_format=fmt)
-                          for _ in range(2))
+                v1, v2 = (simclr.simclr_augment(x, size, s, args.crop_min_scale)
+                          .contiguous(memory_format=memory_format) for _ in range(2))
             sync(device)
             t1 = time.perf_counter()
             train_step(v1, v2)
@@ -135,7 +136,7 @@ def main(argv=None):
         for i, (v1, v2_) in enumerate(pil):
             if i > args.steps:
                 break
-            v1, v2_ = v1.to(device).contiguous(memory_format=fmt), v2_.to(device).contiguous(memory_format=fmt)
+            v1, v2_ = (v.to(device).contiguous(memory_format=memory_format) for v in (v1, v2_))
             t1 = time.perf_counter()
             train_step(v1, v2_)
             t2 = time.perf_counter()

@@ -28,25 +28,22 @@ import torch.nn.functional as F
 import common
 from common import (color_jitter, gaussian_blur, normalize, random_flip, random_grayscale, random_resized_crop,
                     to_float, warmup_cosine)
-from knn_eval import knn_monitor
-from simclr import make_optimizer, param_groups  # LARS (simclr.LARS) with biases and BatchNorm excluded
 
 METHOD = "byol"
+BASE_LR = {"lars": 0.2, "sgd": 0.4, "adamw": 1e-3}  # --lr default of each --optimizer, per 256 images
 
 
 def add_byol_args(p):
     """BYOL's method flags."""
-    p.add_argument("--optimizer", default="lars", choices=["lars", "sgd", "adamw"], help="optimizer")
+    p.add_argument("--optimizer", default="lars", choices=list(BASE_LR), help="optimizer")
     p.add_argument("--lr", type=float, default=None,
-                   help="base learning rate per 256 images, scaled by batch-size/256 (default: lars 0.2, the "
-                        "paper's; sgd 0.4, measured on shapes; adamw 1e-3)")
+                   help=f"base learning rate per 256 images, scaled by batch-size/256 (default: {BASE_LR})")
     p.add_argument("--weight-decay", type=float, default=1.5e-6, help="weight decay (not on biases and BatchNorm)")
     p.add_argument("--warmup-epochs", type=float, default=None,
-                   help="linear warm-up epochs, then cosine decay (default: 10, the paper's, capped at 10%% of "
-                        "--epochs so that short runs leave the warm-up)")
+                   help="linear warm-up epochs, then cosine decay (default: 10, at most 10%% of --epochs)")
     p.add_argument("--ema", type=float, default=0.996,
                    help="tau_base of the target EMA; tau rises from it to 1 over the run (cosine). 0: no EMA, the "
-                        "target is a copy of the online network at every step (a SimSiam-like stop-gradient)")
+                        "target is a copy of the online network at every step")
     p.add_argument("--proj-hidden", type=int, default=None,
                    help="hidden size of projector and predictor (default: min(4096, 8 x the encoder's feature size))")
     p.add_argument("--proj-dim", type=int, default=None,
@@ -63,17 +60,15 @@ def get_args(argv=None):
     p.add_argument("--epochs", type=int, default=100, help="training epochs")
     p.add_argument("--batch-size", type=int, default=512, help="global batch size (split over torchrun ranks)")
     add_byol_args(p)
-    p.add_argument("--knn-every", type=int, default=5, help="weighted-kNN monitor every N epochs (and the last)")
-    p.add_argument("--knn-k", type=int, default=200, help="kNN monitor: neighbours")
-    p.add_argument("--knn-temperature", type=float, default=0.1, help="kNN monitor: vote temperature")
+    common.add_knn_args(p)
     common.add_common_args(p, backbone="resnet18")
     return p, p.parse_args(argv)
 
 
 def resolve_defaults(args):
     """Defaults that depend on the run length, written into args (so the checkpoint keeps them)."""
-    if args.warmup_epochs is None:  # the paper's 10 epochs, at most 10% of the run
-        args.warmup_epochs = min(10.0, 0.1 * args.epochs)
+    if args.warmup_epochs is None:
+        args.warmup_epochs = common.default_warmup_epochs(args.epochs)
 
 
 def check_args(args):
@@ -217,7 +212,7 @@ def main(argv=None):
     check_args(args)
     device, rank, world = common.setup_run(args)
     autocast, scaler = common.setup_amp(args.amp, device)
-    fmt = common.memory_format(device, args.channels_last)
+    memory_format = common.memory_format(device, args.channels_last)
     out = common.run_folder(args, METHOD)
     log = common.RunLog(out, args, enabled=rank == 0, start_epoch=ckpt["epoch"] if ckpt else 0)
 
@@ -229,8 +224,8 @@ def main(argv=None):
     resolve_defaults(args)
     log.print(f"{data.name}: {len(data.train)} training images at {data.img_size}px, kNN on {len(data.memory)} "
               f"labelled / {len(data.test)} test images, {data.num_classes} classes; device {device} "
-              f"({autocast.dtype or torch.float32}, {fmt}), {world} process(es); warm-up {args.warmup_epochs:g} "
-              f"epochs; run folder {out}")
+              f"({autocast.dtype or torch.float32}, {memory_format}), {world} process(es); warm-up "
+              f"{args.warmup_epochs:g} epochs; run folder {out}")
 
     # --- model, target, optimizer, schedule ---
     bb_kwargs = common.backbone_kwargs(args, data.img_size)
@@ -239,18 +234,18 @@ def main(argv=None):
     model = BYOL(encoder, args.proj_hidden, args.proj_dim, predictor=not args.no_predictor, bn=not args.no_bn)
     if world > 1:
         model = common.convert_sync_batchnorm(model, device)
-    model = model.to(device, memory_format=fmt)
+    model = model.to(device, memory_format=memory_format)
     target = make_target(model)
     h, d = args.proj_hidden, args.proj_dim
     log.print(f"projector {encoder.feature_dim}-{h}-{d}, predictor {'none' if args.no_predictor else f'{d}-{h}-{d}'}, "
               f"BatchNorm in the heads: {not args.no_bn}, EMA tau_base {args.ema:g}")
-    lr = (args.lr or {"lars": 0.2, "sgd": 0.4, "adamw": 1e-3}[args.optimizer]) * args.batch_size / 256
-    optimizer = make_optimizer(args.optimizer, param_groups(model, args.weight_decay), lr)
+    lr = common.scaled_lr(args.lr, args.batch_size, BASE_LR, args.optimizer)
+    optimizer = common.make_optimizer(args.optimizer, common.param_groups(model, args.weight_decay), lr)
     total_steps, warmup_steps = args.epochs * steps_per_epoch, int(args.warmup_epochs * steps_per_epoch)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, total_steps, warmup_steps))
     start_epoch = common.restore(ckpt, rank, model=model, target=target, optimizer=optimizer, scheduler=scheduler,
                                  scaler=scaler)
-    train_model = common.compile_model(model, fmt) if args.compile else model  # the target runs eagerly
+    train_model = common.compile_model(model, memory_format) if args.compile else model  # the target runs eagerly
     if world > 1:
         train_model = nn.parallel.DistributedDataParallel(
             train_model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -266,7 +261,7 @@ def main(argv=None):
             x = x.to(device, non_blocking=True)
             with torch.no_grad():  # BYOL's asymmetric pair of views, augmented on the device
                 v1, v2 = (byol_augment(x, data.img_size, min_scale=args.crop_min_scale, **view)
-                          .contiguous(memory_format=fmt) for view in (VIEW1, VIEW2))
+                          .contiguous(memory_format=memory_format) for view in (VIEW1, VIEW2))
             tau = target_tau(epoch * steps_per_epoch + step, total_steps, args.ema)
             loss, spread = train_step(train_model, model, target, v1, v2, optimizer, scheduler, scaler,
                                       autocast, tau)
@@ -280,9 +275,9 @@ def main(argv=None):
                    "collapse_std": sums["collapse_std"] / steps_per_epoch, "tau": tau,
                    "lr": scheduler.get_last_lr()[0],
                    "img_per_s": steps_per_epoch * args.batch_size / (time.time() - t_epoch)}
-        if rank == 0 and ((epoch + 1) % args.knn_every == 0 or epoch + 1 == args.epochs):
-            knn_top1 = metrics["knn_top1"] = knn_monitor(model.encoder, data, device, args.knn_k, args.knn_temperature,
-                                                         autocast, args.workers)
+        if rank == 0 and common.knn_epoch(epoch, args):
+            knn_top1 = metrics["knn_top1"] = common.knn_monitor(model.encoder, data, device, args.knn_k,
+                                                                args.knn_temperature, autocast, args.workers)
         collapse = metrics["collapse_std"]
         log.epoch(**metrics)
         common.save_training_checkpoint(

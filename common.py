@@ -11,6 +11,9 @@ Sections, in order:
                           DeepCluster AlexNet (BatchNorm, optional Sobel input), a ViT-Tiny (torchvision's
                           VisionTransformer, any input size); each returns h and has .feature_dim
   6. checkpoints, logs -- one checkpoint format, atomic writes, `load_encoder`, progress/ETA, metrics.jsonl, curves.png
+  7. optimisation      -- LARS, parameter groups without decay on biases and BatchNorm, the optimiser choice,
+                          learning-rate scaling with the batch, warm-up then cosine decay
+  8. kNN monitor       -- the weighted kNN that every training script prints, and its flags
 """
 import argparse
 import glob
@@ -48,9 +51,10 @@ def fail(message):
 # ----------------------------------------------------------------------------------------------------------------
 # 2. Device, precision, seeding, distributed
 # ----------------------------------------------------------------------------------------------------------------
-def add_common_args(parser, backbone="resnet18", training=True):
+def add_common_args(parser, backbone="resnet18", training=True, sobel=True):
     """The flags every script has (data, model, device, run folder). Method flags stay in each file.
-    training=False (evaluation scripts) leaves out --compile and --resume."""
+    training=False (evaluation scripts) leaves out --compile and --resume. sobel: whether an AlexNet gets the fixed
+    Sobel input layer by default (DeepCluster's; --no-sobel for RGB) or not (sobel=False: RGB, --sobel adds it)."""
     group = parser.add_argument_group("data, model, device and run (shared by every script)")
     group.add_argument("--data", default="shapes", help=f"dataset: one of {', '.join(DATASETS)}, or a folder path "
                    "(class sub-folders, either directly or under train/ and val/ or test/)")
@@ -62,7 +66,11 @@ def add_common_args(parser, backbone="resnet18", training=True):
                    help="number of training and test images of the synthetic `shapes` dataset")
     group.add_argument("--backbone", default=backbone, choices=list(BACKBONES), help="encoder architecture")
     group.add_argument("--width", type=int, default=64, help="base width of ResNet/AlexNet (64 = the standard network; 16 or 32 for CPU; ignored by vit_tiny)")
-    group.add_argument("--no-sobel", action="store_true", help="AlexNet only: no fixed Sobel input layer (RGB input)")
+    group.add_argument("--no-sobel", action="store_true", default=not sobel,
+                       help="AlexNet only: no fixed Sobel input layer (RGB input)")
+    if not sobel:
+        group.add_argument("--sobel", dest="no_sobel", action="store_false",
+                           help="AlexNet only: a fixed Sobel input layer (DeepCluster's) instead of RGB input")
     group.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
                    help="DataLoader worker processes for large images and decoding (default: min(4, CPU count))")
     group.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="auto: cuda, mps, cpu")
@@ -701,6 +709,21 @@ def gaussian_blur(x, kernel_size, sigma=(0.1, 2.0), p=0.5):
     return torch.where(_coin(x, p), y, x)
 
 
+def light_augment(x, size):
+    """float (N, 3, S, S) in [0, 1] -> (N, 3, size, size): random crop of the reflect-padded image (padding size/8,
+    the CIFAR recipe) and horizontal flip, each image with its own offsets (RotNet's augmentation, the supervised
+    baseline's of knn_eval.py)."""
+    x = center_resize(x, size)
+    N, p = x.shape[0], max(1, size // 8)
+    x = F.pad(x, (p, p, p, p), mode="reflect")
+    i, j = torch.randint(0, 2 * p + 1, (2, N, 1), device=x.device)
+    r = torch.arange(size, device=x.device)
+    rows, cols = (i + r)[:, None, :, None], (j + r)[:, None, None, :]  # (N, 1, size, 1), (N, 1, 1, size)
+    x = x[torch.arange(N, device=x.device)[:, None, None, None], torch.arange(3, device=x.device)[None, :, None, None],
+          rows, cols]
+    return random_flip(x)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # 5. Backbones: forward(x) returns the representation h (N, feature_dim); no classifier.
 # ----------------------------------------------------------------------------------------------------------------
@@ -1053,13 +1076,6 @@ def finish(out, rank, world, log, summary):
     return summary
 
 
-def warmup_cosine(step, total_steps, warmup_steps):
-    """Learning-rate factor per step: linear from ~0 to 1 over the warm-up, then cosine from 1 to 0."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    return 0.5 * (1 + math.cos(math.pi * (step - warmup_steps) / max(1, total_steps - warmup_steps)))
-
-
 def run_folder(args, method):
     if args.out:
         return args.out
@@ -1144,3 +1160,132 @@ def plot_curves(metrics_path, png_path):
     fig.tight_layout()
     fig.savefig(png_path, dpi=80)
     plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 7. Optimisation: LARS (You et al. 2017, as SimCLR's reference code), biases and BatchNorm excluded from weight decay
+#    and trust-ratio adaptation, the optimiser choice, the learning-rate scaling, linear warm-up then cosine decay
+#    stepped every iteration.
+# ----------------------------------------------------------------------------------------------------------------
+class LARS(torch.optim.Optimizer):
+    """SGD with momentum where each weight tensor's step is scaled by the trust ratio eta |w| / |g + wd w|.
+
+    As the reference code (its LARSOptimizer), the learning rate is folded into the momentum buffer:
+        v <- m v + lr * trust * (g + wd w),   w <- w - v
+    (PyTorch's SGD keeps v <- m v + g and steps lr * v, which differs while the lr changes, e.g. in warm-up).
+    Parameter groups with `lars_exclude=True` (biases, BatchNorm) get no decay and no trust ratio."""
+    def __init__(self, params, lr, momentum=0.9, weight_decay=0.0, eta=0.001):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta,
+                                      lars_exclude=False))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                d = p.grad
+                if not group["lars_exclude"]:
+                    d = d.add(p, alpha=group["weight_decay"])
+                    w_norm, d_norm = p.norm(), d.norm()
+                    trust = torch.where((w_norm > 0) & (d_norm > 0), group["eta"] * w_norm / d_norm, 1.0)
+                    d = d.mul(trust)
+                buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+                buf.mul_(group["momentum"]).add_(d, alpha=group["lr"])
+                p.sub_(buf)
+
+
+def param_groups(model, weight_decay):
+    """Weights get weight decay (and LARS adaptation); biases and BatchNorm parameters (1-D tensors) do not."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0, "lars_exclude": True}]
+
+
+def make_optimizer(name, groups, lr):
+    """--optimizer: lars (LARS), sgd (momentum 0.9) or adamw, over parameter groups as param_groups makes them."""
+    if name == "lars":
+        return LARS(groups, lr=lr, momentum=0.9)
+    groups = [{k: v for k, v in group.items() if k != "lars_exclude"} for group in groups]
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=0.9)
+    return torch.optim.AdamW(groups, lr=lr)
+
+
+def scaled_lr(lr, batch_size, defaults=None, optimizer=None):
+    """The learning rate of a run: the base rate per 256 images times batch_size / 256 (the linear scaling rule).
+    The base rate is `lr` (--lr), or where that is not given (None) defaults[optimizer], the method's default for
+    its --optimizer."""
+    return (lr if lr is not None else defaults[optimizer]) * batch_size / 256
+
+
+def default_warmup_epochs(epochs):
+    """The warm-up when --warmup-epochs is not given: the papers' 10 epochs, at most 10% of the run (so that a short
+    run leaves the warm-up)."""
+    return min(10.0, 0.1 * epochs)
+
+
+def warmup_cosine(step, total_steps, warmup_steps):
+    """Learning-rate factor per step: linear from ~0 to 1 over the warm-up, then cosine from 1 to 0."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup_steps) / max(1, total_steps - warmup_steps)))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 8. kNN monitor: the weighted kNN (InstDisc, Wu et al. 2018) of every training script, on the frozen representation;
+#    knn_eval.py adds the other protocols.
+# ----------------------------------------------------------------------------------------------------------------
+def add_knn_args(parser, every=5):
+    """The kNN monitor's flags, which every training script has."""
+    parser.add_argument("--knn-every", type=int, default=every,
+                        help="weighted-kNN monitor every N epochs (and the last)")
+    parser.add_argument("--knn-k", type=int, default=200, help="kNN monitor: neighbours")
+    parser.add_argument("--knn-temperature", type=float, default=0.1, help="kNN monitor: vote temperature")
+
+
+def knn_epoch(epoch, args):
+    """Does the kNN monitor run after epoch `epoch` (from 0)? Every --knn-every epochs and after the last."""
+    return (epoch + 1) % args.knn_every == 0 or epoch + 1 == args.epochs
+
+
+@torch.no_grad()
+def knn_neighbours(train_feats, test_feats, k, chunk=1024):
+    """Cosine similarities (Nq, k) and indices (Nq, k) of the k most similar training features of each query,
+    in chunks of `chunk` queries on the features' device (so 50,000 x 10,000 fits in memory)."""
+    train = F.normalize(train_feats.float(), dim=1)  # (Nt, D)
+    k = min(k, train.shape[0])
+    sims, idxs = [], []
+    for q in F.normalize(test_feats.float(), dim=1).split(chunk):  # q: (B, D)
+        s, i = (q @ train.T).topk(k, dim=1)  # (B, k), most similar first
+        sims.append(s)
+        idxs.append(i)
+    return torch.cat(sims), torch.cat(idxs)
+
+
+def knn_votes(sim, idx, train_labels, num_classes, k, temperature):
+    """Class scores (Nq, C) from neighbours sorted by similarity: the first k vote with weight exp(s / temperature)."""
+    sim, idx = sim[:, :k], idx[:, :k]
+    votes = torch.zeros(sim.shape[0], num_classes, device=sim.device)
+    return votes.scatter_add_(1, train_labels[idx], (sim / temperature).exp())
+
+
+def knn_scores(train_feats, train_labels, test_feats, num_classes, k=200, temperature=0.1, chunk=1024):
+    """Class scores (Nq, C) of the weighted kNN: cosine similarity s on L2-normalised features, the k most similar
+    training images vote for their class with weight exp(s / temperature) (Wu et al. 2018)."""
+    sim, idx = knn_neighbours(train_feats, test_feats, k, chunk)  # (Nq, k) each
+    return knn_votes(sim, idx, train_labels, num_classes, k, temperature)
+
+
+def knn_predict(train_feats, train_labels, test_feats, num_classes, k=200, temperature=0.1):
+    """Predicted labels (Nq,) of the weighted kNN classifier (see knn_scores)."""
+    return knn_scores(train_feats, train_labels, test_feats, num_classes, k, temperature).argmax(1)
+
+
+def knn_monitor(encoder, data, device, k=200, temperature=0.1, autocast=None, workers=0):
+    """Top-1 (%) of the weighted kNN: memory bank = labelled training split, queries = test split."""
+    train = extract_features(encoder, data.memory, device, autocast=autocast, workers=workers)
+    test = extract_features(encoder, data.test, device, autocast=autocast, workers=workers)
+    pred = knn_predict(train, data.memory.labels.to(device), test, data.num_classes, k, temperature)
+    return (pred.cpu() == data.test.labels).float().mean().item() * 100

@@ -13,7 +13,7 @@ common.PatchGridEncoder). docs/cpc.md has the details and a figure of the grid a
     python cpc.py --data cifar10 --width 8 --epochs 1 --batch-size 256 --device cpu  # CIFAR-10, ~1 h on a CPU core
     python cpc.py --data cifar10 --epochs 200 --batch-size 512           # GPU: ResNet-18 on the 7x7 grid
     torchrun --nproc_per_node=4 cpc.py --data imagenette --epochs 100    # 4 GPUs, negatives of the global batch
-    python cpc.py --data shapes --plot-grid docs/cpc/grid.png            # the figure of the grid and the targets
+    python visualize.py cpc-grid --data shapes --out grid.png            # the figure of the grid and the targets
 """
 import argparse
 import os
@@ -26,36 +26,31 @@ import torch.nn.functional as F
 import common
 from common import (color_jitter, normalize, patch_grid, random_flip, random_grayscale, random_resized_crop, to_float,
                     warmup_cosine)
-from knn_eval import knn_monitor
-from simclr import make_optimizer, param_groups  # SGD, AdamW or LARS; no weight decay on biases and BatchNorm
 
 METHOD = "cpc"
+BASE_LR = {"adamw": 1e-2, "sgd": 0.3, "lars": 1.0}  # --lr default of each --optimizer, per 256 images
 
 
 def add_cpc_args(p):
     """CPC's method flags."""
-    p.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd", "lars"], help="optimizer (CPC v2: Adam)")
+    p.add_argument("--optimizer", default="adamw", choices=list(BASE_LR), help="optimizer")
     p.add_argument("--lr", type=float, default=None,
-                   help="base learning rate per 256 images, scaled by batch-size/256 (default: adamw 1e-2, sgd 0.3, "
-                        "lars 1.0)")
+                   help=f"base learning rate per 256 images, scaled by batch-size/256 (default: {BASE_LR})")
     p.add_argument("--weight-decay", type=float, default=1e-4, help="weight decay (not on biases and BatchNorm)")
     p.add_argument("--warmup-epochs", type=float, default=None,
-                   help="linear warm-up epochs, then cosine decay (default: 10%% of --epochs, at most 10)")
+                   help="linear warm-up epochs, then cosine decay (default: 10, at most 10%% of --epochs)")
     p.add_argument("--patch-size", type=int, default=None,
-                   help="side of a patch in px (default: image size / 4: 64 px on 256 px as the papers, 8 on 32)")
+                   help="side of a patch in px (default: image size / 4)")
     p.add_argument("--patch-stride", type=int, default=None,
-                   help="step between patches in px (default: half the patch size: neighbours overlap by half, "
-                        "a 7x7 grid)")
+                   help="step between patches in px (default: half the patch size)")
     p.add_argument("--pred-steps", type=int, default=5,
-                   help="K: predict the patches k = 1..K rows below each context (the papers: up to 5 on 7x7)")
+                   help="K: predict the patches k = 1..K rows below each context")
     p.add_argument("--context-dim", type=int, default=None,
                    help="channels of the context network (default: the encoder's feature size)")
     p.add_argument("--context-layers", type=int, default=3,
                    help="residual blocks of masked 3x3 convolutions in the context network (each sees one row up)")
     p.add_argument("--crop-min-scale", type=float, default=0.3,
                    help="smallest area fraction of the image-level random resized crop, before the grid is cut")
-    p.add_argument("--plot-grid", default=None, metavar="PNG",
-                   help="draw the patch grid and the prediction targets of one test image of --data to PNG and exit")
 
 
 def get_args(argv=None):
@@ -64,21 +59,23 @@ def get_args(argv=None):
     p.add_argument("--epochs", type=int, default=100, help="training epochs")
     p.add_argument("--batch-size", type=int, default=256, help="global batch size (split over torchrun ranks)")
     add_cpc_args(p)
-    p.add_argument("--knn-every", type=int, default=5, help="weighted-kNN monitor every N epochs (and the last)")
-    p.add_argument("--knn-k", type=int, default=200, help="kNN monitor: neighbours")
-    p.add_argument("--knn-temperature", type=float, default=0.1, help="kNN monitor: vote temperature")
+    common.add_knn_args(p)
     common.add_common_args(p, backbone="resnet18")
     return p, p.parse_args(argv)
 
 
 def resolve_defaults(args, img_size):
     """Defaults that depend on the data or the run length, written into args (so the checkpoint keeps them)."""
-    if args.patch_size is None:  # the papers' 64 px on 256 px, scaled: 8 px on 32 px
-        args.patch_size = max(1, img_size // 4)
-    if args.patch_stride is None:  # neighbouring patches overlap by half, as the papers'
-        args.patch_stride = max(1, args.patch_size // 2)
+    args.patch_size, args.patch_stride = patch_defaults(img_size, args.patch_size, args.patch_stride)
     if args.warmup_epochs is None:
-        args.warmup_epochs = min(10.0, 0.1 * args.epochs)
+        args.warmup_epochs = common.default_warmup_epochs(args.epochs)
+
+
+def patch_defaults(img_size, patch=None, stride=None):
+    """(patch, stride), each as given or by default the papers' 64-px patches on 256 px scaled to the image (8 px on
+    32 px), neighbours overlapping by half (stride = patch / 2): a 7x7 grid."""
+    patch = patch if patch is not None else max(1, img_size // 4)
+    return patch, stride if stride is not None else max(1, patch // 2)
 
 
 def check_args(args):
@@ -206,60 +203,6 @@ def cpc_loss(z, z_hat, candidates=None, first=0):
     return torch.stack(losses).mean(), torch.stack(hits).mean()
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Figure (--plot-grid): the grid and the prediction targets of one image, for docs/cpc.md.
-# ----------------------------------------------------------------------------------------------------------------
-def plot_grid(image, patch, stride, pred_steps, path, row=1, col=3):
-    """The figure of docs/cpc.md: one image (uint8 (3, S, S)) with its grid of patches, and the grid drawn apart
-    with the context c_{row,col}'s receptive field (rows <= row) and its targets z_{row+k,col}, k = 1..K."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.patches import Rectangle
-    img = image.permute(1, 2, 0).numpy()
-    patches = patch_grid(image[None], patch, stride)[0]  # (G, G, 3, P, P)
-    G = patches.shape[0]
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 5), gridspec_kw={"width_ratios": [1, 1.15]})
-    a1.imshow(img, interpolation="nearest")
-    for j, color in [(col, "tab:red"), (col + 1, "tab:orange")]:  # two overlapping columns of patches
-        if j < G:
-            for i in range(G):
-                a1.add_patch(Rectangle((j * stride - 0.5, i * stride - 0.5), patch, patch, fill=False, lw=1.2,
-                                       ec=color, alpha=0.9))
-    a1.set_title(f"{image.shape[-1]}px image, {patch}px patches, stride {stride}: a {G}x{G} grid\n"
-                 f"(columns {col}, {col + 1} outlined: neighbours share half their pixels)", fontsize=9)
-    a1.axis("off")
-    gap = patch // 4 + 1
-    canvas = torch.full((G * (patch + gap), G * (patch + gap), 3), 255, dtype=torch.uint8)
-    for i in range(G):
-        for j in range(G):
-            y, x = i * (patch + gap), j * (patch + gap)
-            canvas[y:y + patch, x:x + patch] = patches[i, j].permute(1, 2, 0)
-    a2.imshow(canvas.numpy(), interpolation="nearest")
-    step = patch + gap
-    for i in range(G):
-        for j in range(G):
-            if i <= row:  # rows c_{row,col} may see (the masked convolutions' causal rows)
-                a2.add_patch(Rectangle((j * step - 1, i * step - 1), patch + 1, patch + 1, fill=True, fc="tab:blue",
-                                       alpha=0.25, ec="none"))
-    a2.add_patch(Rectangle((col * step - 1, row * step - 1), patch + 1, patch + 1, fill=False, ec="tab:blue", lw=2.5))
-    a2.text(col * step + patch / 2, row * step - 2, "c", color="tab:blue", ha="center", va="bottom", fontsize=10,
-            weight="bold")
-    for k in range(1, pred_steps + 1):
-        if row + k < G:
-            a2.add_patch(Rectangle((col * step - 1, (row + k) * step - 1), patch + 1, patch + 1, fill=False,
-                                   ec="tab:red", lw=2))
-            a2.text(col * step + patch + 1, (row + k) * step + patch / 2, f"k={k}", color="tab:red", va="center",
-                    fontsize=8, bbox={"fc": "white", "ec": "none", "pad": 0.5})
-    a2.set_title(f"the grid apart: context c at ({row}, {col}) sees the shaded rows <= {row};\nW_k c must pick the "
-                 f"red patch k rows below among all patches of the batch", fontsize=9)
-    a2.axis("off")
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
 # ================================================================================================================
 # ALGO LOGIC: one CPC update
 # ================================================================================================================
@@ -288,13 +231,7 @@ def main(argv=None):
     check_args(args)
     device, rank, world = common.setup_run(args)
     autocast, scaler = common.setup_amp(args.amp, device)
-    fmt = common.memory_format(device, args.channels_last)
-    if args.plot_grid:  # the figure only, for the first test image of --data
-        data = common.dataset_from_args(args, log=lambda *a: None)
-        resolve_defaults(args, data.img_size)
-        check_grid(data.img_size, args.patch_size, args.patch_stride, args.pred_steps)
-        plot_grid(data.test.images[0], args.patch_size, args.patch_stride, args.pred_steps, args.plot_grid)
-        return print(f"wrote {args.plot_grid}")
+    memory_format = common.memory_format(device, args.channels_last)
     out = common.run_folder(args, METHOD)
     log = common.RunLog(out, args, enabled=rank == 0, start_epoch=ckpt["epoch"] if ckpt else 0)
 
@@ -307,9 +244,9 @@ def main(argv=None):
     G = check_grid(data.img_size, args.patch_size, args.patch_stride, args.pred_steps)
     log.print(f"{data.name}: {len(data.train)} training images at {data.img_size}px, kNN on {len(data.memory)} "
               f"labelled / {len(data.test)} test images, {data.num_classes} classes; device {device} "
-              f"({autocast.dtype or torch.float32}, {fmt}), {world} process(es); {G}x{G} grid of {args.patch_size}px "
-              f"patches (stride {args.patch_stride}), predicting K={args.pred_steps} rows ahead among "
-              f"{args.batch_size * G * G} patches; warm-up {args.warmup_epochs:g} epochs; run folder {out}")
+              f"({autocast.dtype or torch.float32}, {memory_format}), {world} process(es); {G}x{G} grid of "
+              f"{args.patch_size}px patches (stride {args.patch_stride}), predicting K={args.pred_steps} rows ahead "
+              f"among {args.batch_size * G * G} patches; warm-up {args.warmup_epochs:g} epochs; run folder {out}")
 
     # --- model, optimizer, schedule ---
     bb_kwargs = {"backbone": args.backbone, "patch": args.patch_size, "stride": args.patch_stride,
@@ -318,13 +255,13 @@ def main(argv=None):
                 args.pred_steps)
     if world > 1:
         model = common.convert_sync_batchnorm(model, device)
-    model = model.to(device, memory_format=fmt)
-    lr = (args.lr or {"lars": 1.0, "sgd": 0.3, "adamw": 1e-2}[args.optimizer]) * args.batch_size / 256
-    optimizer = make_optimizer(args.optimizer, param_groups(model, args.weight_decay), lr)
+    model = model.to(device, memory_format=memory_format)
+    lr = common.scaled_lr(args.lr, args.batch_size, BASE_LR, args.optimizer)
+    optimizer = common.make_optimizer(args.optimizer, common.param_groups(model, args.weight_decay), lr)
     total_steps, warmup_steps = args.epochs * steps_per_epoch, int(args.warmup_epochs * steps_per_epoch)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, total_steps, warmup_steps))
     start_epoch = common.restore(ckpt, rank, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
-    train_model = common.compile_model(model, fmt) if args.compile else model
+    train_model = common.compile_model(model, memory_format) if args.compile else model
     if world > 1:
         train_model = nn.parallel.DistributedDataParallel(
             train_model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -349,9 +286,9 @@ def main(argv=None):
         metrics = {"epoch": epoch + 1, "loss": sums["loss"] / steps_per_epoch,
                    "prediction_acc": sums["acc"] / steps_per_epoch, "lr": scheduler.get_last_lr()[0],
                    "img_per_s": steps_per_epoch * args.batch_size / (time.time() - t_epoch)}
-        if rank == 0 and ((epoch + 1) % args.knn_every == 0 or epoch + 1 == args.epochs):
-            knn_top1 = metrics["knn_top1"] = knn_monitor(model.encoder, data, device, args.knn_k, args.knn_temperature,
-                                                         autocast, args.workers)
+        if rank == 0 and common.knn_epoch(epoch, args):
+            knn_top1 = metrics["knn_top1"] = common.knn_monitor(model.encoder, data, device, args.knn_k,
+                                                                args.knn_temperature, autocast, args.workers)
         log.epoch(**metrics)
         common.save_training_checkpoint(
             os.path.join(out, "last.pt"), rank, world, method=METHOD, args=vars(args), epoch=epoch + 1,

@@ -15,7 +15,6 @@ docs/deepcluster.md has the details.
     torchrun --nproc_per_node=4 deepcluster.py --data imagenette --epochs 200                   # 4 GPUs
 """
 import argparse
-import json
 import math
 import os
 import time
@@ -27,7 +26,6 @@ import torch.nn.functional as F
 
 import common
 from common import fail, normalize, random_flip, random_resized_crop, to_float
-from knn_eval import knn_monitor
 
 METHOD = "deepcluster"
 
@@ -40,28 +38,24 @@ def get_args(argv=None):
     p.add_argument("--lr", type=float, default=0.05, help="SGD learning rate (constant, as in the paper)")
     p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum of the network")
     p.add_argument("--top-momentum", type=float, default=0.0,
-                   help="SGD momentum of the top layer, re-initialised every epoch (the reference code: 0, plain SGD)")
+                   help="SGD momentum of the top layer, re-initialised every epoch")
     p.add_argument("--weight-decay", type=float, default=1e-5, help="SGD weight decay")
     p.add_argument("--k", type=int, default=None,
-                   help="number of k-means clusters (default: 10 x the number of classes, e.g. 100 for CIFAR-10, "
-                        "10000 for ImageNet)")
+                   help="number of k-means clusters (default: 10 x the number of classes)")
     p.add_argument("--pca-dim", type=int, default=256, help="PCA-whitening dimension before k-means")
     p.add_argument("--kmeans-iters", type=int, default=20, help="k-means (Lloyd) iterations per clustering")
     p.add_argument("--kmeans-init", default="random", choices=["random", "k-means++"],
-                   help="k-means start: k random points (faiss's, the paper's) or greedy k-means++ (better on "
-                        "well-separated clusters, k sequential passes over the features)")
+                   help="k-means start: k random points or greedy k-means++")
     p.add_argument("--samples-per-epoch", type=int, default=None,
-                   help="images drawn over the clusters for each epoch's training (default: the training set size, "
-                        "as the paper); fewer makes an epoch cheaper on a small budget, the clustering still sees all")
+                   help="images drawn over the clusters for each epoch's training (default: the training set size); "
+                        "the clustering still sees all")
     p.add_argument("--train-subset", type=int, default=None,
-                   help="pre-train on a fixed random subset of this many training images (a CPU budget); the kNN "
-                        "monitor still uses every labelled training image")
+                   help="pre-train on a fixed random subset of this many training images; the kNN monitor still "
+                        "uses every labelled training image")
     p.add_argument("--crop-min-scale", type=float, default=0.08,
                    help="smallest crop area fraction of the random resized crop (paper: 0.08)")
     p.add_argument("--feature-batch-size", type=int, default=512, help="batch size of the feature extraction")
-    p.add_argument("--knn-every", type=int, default=1, help="weighted-kNN monitor every N epochs (and the last)")
-    p.add_argument("--knn-k", type=int, default=200, help="kNN monitor: neighbours")
-    p.add_argument("--knn-temperature", type=float, default=0.1, help="kNN monitor: vote temperature")
+    common.add_knn_args(p, every=1)
     common.add_common_args(p, backbone="alexnet")
     return p, p.parse_args(argv)
 
@@ -141,9 +135,8 @@ def _split_clusters(centroids, counts, generator, eps=1 / 1024):
     takes the centroid of a cluster j drawn with probability proportional to (size_j - 1), with a small symmetric
     perturbation, c_i = c_j * (1 + eps s) and c_j = c_j * (1 - eps s), s = (+1, -1, +1, ...), eps = 1/1024; the next
     assignment shares j's points between the two. As in faiss, j's size is then booked as split evenly, so a second
-    empty cluster prefers another large cluster. (faiss draws j by walking over the clusters and accepting each with
-    probability (size_j - 1) / (N - k); this draws from the same weights directly.) centroids (k, D) are changed in
-    place and returned; counts (k,) are the sizes of the assignment the centroids were computed from."""
+    empty cluster prefers another large cluster. centroids (k, D) are changed in place and returned; counts (k,) are
+    the sizes of the assignment the centroids were computed from."""
     counts = counts.cpu().clone()
     s = torch.ones(centroids.shape[1], device=centroids.device, dtype=centroids.dtype)
     s[1::2] = -1
@@ -160,8 +153,7 @@ def _fill_empty(x, assign, k, generator):
     """The last resort, after the final assignment, for a cluster that the centroid split could not fill: identical
     points (no perturbation separates them) or a split cluster whose points all fell on one side. A cluster to split
     is drawn with probability proportional to (size - 1) and the half of its points nearest to one of its random
-    members moves to the empty cluster. faiss has no such step (it can return empty clusters); here every cluster
-    ends with at least one point (needs N >= k)."""
+    members moves to the empty cluster, so that every cluster ends with at least one point (needs N >= k)."""
     counts = torch.bincount(assign, minlength=k).cpu()
     for e in (counts == 0).nonzero().flatten().tolist():
         j = torch.multinomial((counts - 1).clamp(min=0).double(), 1, generator=generator).item()
@@ -177,9 +169,7 @@ def kmeans_plusplus(x, k, generator):
     """Greedy k-means++ seeding (Arthur and Vassilvitskii 2007; greedy as sklearn's default): the first centroid is a
     uniformly random row of x; each next one is the best of 2 + log(k) candidate rows, each drawn with probability
     proportional to its squared distance D(x)^2 to the nearest centroid so far, the best being the one that leaves
-    the smallest sum of D^2. (Plain k-means++, one candidate, put two of 10 separated 16-D blobs' starts into one
-    blob in 3 of 10 seeds; the greedy choice avoids most of these.) On x's device, with (N, 2 + log k) distances at a
-    time. Returns (k, D)."""
+    the smallest sum of D^2. On x's device, with (N, 2 + log k) distances at a time. Returns (k, D)."""
     N, trials = x.shape[0], 2 + int(math.log(k))
     x_sq = (x * x).sum(1)  # (N,)
 
@@ -211,12 +201,6 @@ def kmeans(x, k, n_iter=20, seed=0, init="random", chunk=None):
     centroid (_split_clusters). A last assignment to the final centroids gives the returned ids, with any cluster
     still empty refilled by _fill_empty. Distances are computed `chunk` rows at a time on x's device, so 100k x 256
     features with 10k centroids fit. Returns centroids (k, D) and assignments (N,) int64, every cluster non-empty.
-
-    Which start: from random rows, Lloyd's algorithm cannot separate two clusters that got no starting point between
-    them; on data with well-separated clusters (e.g. 10 blobs) it then stays at a local minimum several times the
-    best objective, and k-means++ finds nearly the best. On features without such structure the two end at about
-    the same objective. k-means++ costs k - 1 sequential passes over x (about one Lloyd iteration in arithmetic, but
-    k small steps instead of one large matrix product: slow for k = 10,000 on a CPU); the random start is free.
     """
     N = x.shape[0]
     if not 1 <= k <= N:
@@ -251,8 +235,7 @@ def nmi(a, b, average="geometric"):
 
         NMI(A; B) = I(A; B) / sqrt(H(A) H(B)),   I = sum_ij p_ij log(p_ij / (p_i p_j)),  H = -sum_i p_i log p_i
 
-    average="arithmetic" divides by (H(A) + H(B)) / 2 instead (sklearn's default since 0.22; lower when the two
-    entropies differ, e.g. 10 classes against 100 clusters). 1 for identical labelings up to renaming the ids, ~0
+    average="arithmetic" divides by (H(A) + H(B)) / 2 instead. 1 for identical labelings up to renaming the ids, ~0
     for independent ones; 1 if both put everything in one cluster, 0 if only one does (sklearn's conventions). Only
     the non-zero cells of the contingency table are formed (10k x 10k fits)."""
     if average not in ("geometric", "arithmetic"):
@@ -326,31 +309,6 @@ def deepcluster_loss(logits, pseudo_labels):
     return F.cross_entropy(logits, pseudo_labels)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Features of the whole training set: each rank extracts its shard, all ranks get all features.
-# ----------------------------------------------------------------------------------------------------------------
-@torch.no_grad()
-def plot_nmi(metrics_path, png_path):
-    """The paper's Fig. 2: NMI between consecutive clusterings, and NMI of the clusters with the true labels."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    rows = [json.loads(line) for line in open(metrics_path) if line.strip()]
-    fig, ax = plt.subplots(figsize=(4.5, 3))
-    for key, label in [("nmi_prev", "NMI(t-1, t)"), ("nmi_labels", "NMI(clusters, labels)")]:
-        pts = [(r["epoch"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
-        if pts:
-            ax.plot(*zip(*pts), marker="o", ms=3, label=label)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("NMI")
-    ax.set_ylim(0, 1)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(png_path, dpi=80)
-    plt.close(fig)
-
-
 # ================================================================================================================
 # ALGO LOGIC: DeepCluster's two steps -- cluster the features (once per epoch), then updates on the pseudo-labels
 # ================================================================================================================
@@ -393,7 +351,7 @@ def main(argv=None):
     check_args(args)
     device, rank, world = common.setup_run(args)
     autocast, scaler = common.setup_amp(args.amp, device)
-    fmt = common.memory_format(device, args.channels_last)
+    memory_format = common.memory_format(device, args.channels_last)
     out = common.run_folder(args, METHOD)
     log = common.RunLog(out, args, enabled=rank == 0, start_epoch=ckpt["epoch"] if ckpt else 0)
 
@@ -406,20 +364,20 @@ def main(argv=None):
     has_labels = bool((data.train.labels >= 0).all())
     log.print(f"{data.name}: {len(data.train)} training images at {data.img_size}px, k-means into {k} clusters, kNN "
               f"on {len(data.memory)} labelled / {len(data.test)} test images, {data.num_classes} classes; device "
-              f"{device} ({autocast.dtype or torch.float32}, {fmt}), {world} process(es); run folder {out}")
+              f"{device} ({autocast.dtype or torch.float32}, {memory_format}), {world} process(es); run folder {out}")
 
     # --- model, optimizer ---
     bb_kwargs = common.backbone_kwargs(args, data.img_size)
     model = DeepCluster(common.build_backbone(args.backbone, **bb_kwargs), k)
     if world > 1:
         model = common.convert_sync_batchnorm(model, device)
-    model = model.to(device, memory_format=fmt)
+    model = model.to(device, memory_format=memory_format)
     # the network's optimizer lives across epochs; the top layer gets a new one with each new clustering
     optimizer = torch.optim.SGD([p for p in model.encoder.parameters() if p.requires_grad], lr=args.lr,
                                 momentum=args.momentum, weight_decay=args.weight_decay)
     start_epoch = common.restore(ckpt, rank, model=model, optimizer=optimizer, scaler=scaler)
     prev_assign = ckpt["assignments"] if ckpt else None
-    train_model = common.compile_model(model, fmt) if args.compile else model
+    train_model = common.compile_model(model, memory_format) if args.compile else model
     if world > 1:
         train_model = nn.parallel.DistributedDataParallel(
             train_model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -449,7 +407,7 @@ def main(argv=None):
             x = x.to(device, non_blocking=True)
             y = assign[batches[step]].to(device, non_blocking=True)  # pseudo-labels
             with torch.no_grad():  # augmented on the device
-                v = deepcluster_augment(x, data.img_size, args.crop_min_scale).contiguous(memory_format=fmt)
+                v = deepcluster_augment(x, data.img_size, args.crop_min_scale).contiguous(memory_format=memory_format)
             loss, acc = train_step(train_model, v, y, optimizer, top_optimizer, scaler, autocast)
             sums["loss"] += loss
             sums["acc"] += acc
@@ -463,12 +421,10 @@ def main(argv=None):
                    "min_cluster": int(sizes.min()), "max_cluster": int(sizes.max()),
                    "img_per_s": steps_per_epoch * args.batch_size / (time.time() - t_epoch)}
         prev_assign = assign
-        if rank == 0 and ((epoch + 1) % args.knn_every == 0 or epoch + 1 == args.epochs):
-            knn_top1 = metrics["knn_top1"] = knn_monitor(model.encoder, data, device, args.knn_k, args.knn_temperature,
-                                                         autocast, args.workers)
+        if rank == 0 and common.knn_epoch(epoch, args):
+            knn_top1 = metrics["knn_top1"] = common.knn_monitor(model.encoder, data, device, args.knn_k,
+                                                                args.knn_temperature, autocast, args.workers)
         log.epoch(**metrics)
-        if rank == 0:
-            plot_nmi(os.path.join(out, "metrics.jsonl"), os.path.join(out, "nmi.png"))
         common.save_training_checkpoint(
             os.path.join(out, "last.pt"), rank, world, method=METHOD, args=vars(args), epoch=epoch + 1,
             step=(epoch + 1) * steps_per_epoch, backbone={"name": args.backbone, "kwargs": bb_kwargs},
@@ -477,6 +433,7 @@ def main(argv=None):
 
     # --- summary ---
     wall = time.time() - t_start
+    log.print(f"figure: python visualize.py deepcluster-nmi --run {out} --out {os.path.join(out, 'nmi.png')}")
     return common.finish(out, rank, world, log, {
         "method": METHOD, "data": args.data, "epochs": args.epochs, "k": k, "knn_top1": knn_top1,
         "nmi_prev": metrics.get("nmi_prev"), "nmi_labels": metrics.get("nmi_labels"),

@@ -31,8 +31,6 @@ import torch.nn.functional as F
 import common
 from common import (color_jitter, gaussian_blur, normalize, random_flip, random_grayscale, random_resized_crop,
                     to_float, warmup_cosine)
-from knn_eval import knn_monitor
-from simclr import make_optimizer, param_groups
 
 METHOD = "dino"
 
@@ -44,8 +42,7 @@ def get_args(argv=None):
     p.add_argument("--batch-size", type=int, default=256, help="global batch size (split over torchrun ranks)")
     p.add_argument("--lr", type=float, default=5e-4, help="AdamW learning rate per 256 images (x batch-size/256)")
     p.add_argument("--warmup-epochs", type=float, default=None,
-                   help="linear lr warm-up epochs, then cosine decay (default: the reference's 10, capped at 10%% "
-                        "of --epochs)")
+                   help="linear lr warm-up epochs, then cosine decay (default: 10, at most 10%% of --epochs)")
     p.add_argument("--weight-decay", type=float, default=0.04, help="weight decay at the start (not on biases/norms)")
     p.add_argument("--weight-decay-end", type=float, default=0.4, help="weight decay at the end (cosine schedule)")
     p.add_argument("--clip-grad", type=float, default=3.0, help="clip each parameter's gradient norm (0 = off)")
@@ -56,19 +53,17 @@ def get_args(argv=None):
     p.add_argument("--head-hidden", type=int, default=2048, help="hidden size of the head's 3-layer MLP")
     p.add_argument("--bottleneck", type=int, default=256, help="size of the head's L2-normalised bottleneck")
     p.add_argument("--head-bn", default="auto", choices=["auto", "on", "off"],
-                   help="BatchNorm after the head's two hidden layers (the reference's --use_bn_in_head, off there). "
-                        "auto: on for ResNet and AlexNet backbones (without it they collapsed to a uniform output on "
-                        "shapes), off for the ViT")
+                   help="BatchNorm after the head's two hidden layers. auto: on for ResNet and AlexNet backbones, "
+                        "off for the ViT")
     p.add_argument("--student-temp", type=float, default=0.1, help="student temperature")
     p.add_argument("--teacher-temp", type=float, default=0.07, help="teacher temperature after the warm-up")
     p.add_argument("--warmup-teacher-temp", type=float, default=0.04, help="teacher temperature at epoch 1")
     p.add_argument("--warmup-teacher-temp-epochs", type=int, default=None,
-                   help="epochs of the linear teacher-temperature warm-up (default: the reference's 30, capped at "
-                        "30%% of --epochs)")
+                   help="epochs of the linear teacher-temperature warm-up (default: 30, at most 30%% of --epochs)")
     p.add_argument("--center-momentum", type=float, default=0.9,
                    help="momentum of the center of the teacher's outputs (1 = no centering)")
     p.add_argument("--local-crops", type=int, default=8,
-                   help="small crops per image, besides the 2 global crops (the reference's default; paper: up to 10)")
+                   help="small crops per image, besides the 2 global crops")
     p.add_argument("--local-size", type=int, default=None,
                    help="side of the local crops in px (default: 96/224 of the image side, rounded to a multiple of "
                         "8 px: 16 px at 32 px, 96 px at 224 px)")
@@ -76,11 +71,22 @@ def get_args(argv=None):
                    help="area fraction range of the global crops")
     p.add_argument("--local-scale", type=float, nargs=2, default=[0.05, 0.4], metavar=("MIN", "MAX"),
                    help="area fraction range of the local crops")
-    p.add_argument("--knn-every", type=int, default=5, help="weighted-kNN monitor every N epochs (and the last)")
-    p.add_argument("--knn-k", type=int, default=200, help="kNN monitor: neighbours")
-    p.add_argument("--knn-temperature", type=float, default=0.1, help="kNN monitor: vote temperature")
+    common.add_knn_args(p)
     common.add_common_args(p, backbone="resnet18")
     return p, p.parse_args(argv)
+
+
+def resolve_defaults(args, img_size):
+    """Defaults that depend on the data, the backbone or the run length, written into args (so the checkpoint keeps
+    them)."""
+    if args.local_size is None:  # 96/224 of the image side (the paper's 96 px on 224 px), a multiple of 8 px
+        args.local_size = max(8, round(img_size * 96 / 224 / 8) * 8)
+    if args.warmup_epochs is None:
+        args.warmup_epochs = common.default_warmup_epochs(args.epochs)
+    if args.warmup_teacher_temp_epochs is None:  # the reference's 30 epochs, at most 30% of the run
+        args.warmup_teacher_temp_epochs = min(30, round(0.3 * args.epochs))
+    if args.head_bn == "auto":
+        args.head_bn = "off" if args.backbone.startswith("vit") else "on"
 
 
 def check_args(args):
@@ -106,7 +112,7 @@ def check_args(args):
 # small local crops (96 px, area 0.05-0.4), each flipped, colour-jittered (0.4, 0.4, 0.2, 0.1; p 0.8), grayscaled
 # (p 0.2) and blurred (p 1.0 first global, 0.1 second global, 0.5 local); the second global crop is solarized (p 0.2).
 # Sizes scale with the data: global = the image side, local = 96/224 of it. Blur sigma (0.1-2 px at the paper's
-# crop size) scales with the crop side. common.py has no solarize block, so it is defined here.
+# crop size) scales with the crop side. The blocks, solarize included, are common.py's.
 # ----------------------------------------------------------------------------------------------------------------
 def dino_augment(x, size, scale=(0.4, 1.0), blur_p=1.0, solarize_p=0.0, paper_size=224):
     """uint8 (N, 3, H, W) -> one normalised crop (N, 3, size, size); the defaults give the first global crop.
@@ -264,7 +270,7 @@ def main(argv=None):
     check_args(args)
     device, rank, world = common.setup_run(args)
     autocast, scaler = common.setup_amp(args.amp, device)
-    fmt = common.memory_format(device, args.channels_last)
+    memory_format = common.memory_format(device, args.channels_last)
     out = common.run_folder(args, METHOD)
     log = common.RunLog(out, args, enabled=rank == 0, start_epoch=ckpt["epoch"] if ckpt else 0)
 
@@ -273,36 +279,32 @@ def main(argv=None):
     loader = common.make_loader(data.train, args.batch_size // world, shuffle=True, drop_last=True,
                                 workers=args.workers, seed=args.seed, rank=rank, world=world)
     steps_per_epoch = len(loader)
-    local_size = args.local_size or max(8, round(data.img_size * 96 / 224 / 8) * 8)
-    warmup = args.warmup_epochs if args.warmup_epochs is not None else min(10.0, 0.1 * args.epochs)
-    temp_warmup = args.warmup_teacher_temp_epochs
-    temp_warmup = temp_warmup if temp_warmup is not None else min(30, round(0.3 * args.epochs))
-    head_bn = args.head_bn == "on" or (args.head_bn == "auto" and not args.backbone.startswith("vit"))
+    resolve_defaults(args, data.img_size)
     log.print(f"{data.name}: {len(data.train)} training images at {data.img_size}px, kNN on {len(data.memory)} "
               f"labelled / {len(data.test)} test images, {data.num_classes} classes; device {device} "
-              f"({autocast.dtype or torch.float32}, {fmt}), {world} process(es); crops 2 x {data.img_size}px + "
-              f"{args.local_crops} x {local_size}px, warm-up {warmup:g} epochs, teacher temperature "
-              f"{args.warmup_teacher_temp} -> {args.teacher_temp} over {temp_warmup} epochs, head BatchNorm "
-              f"{'on' if head_bn else 'off'}; run folder {out}")
+              f"({autocast.dtype or torch.float32}, {memory_format}), {world} process(es); crops 2 x "
+              f"{data.img_size}px + {args.local_crops} x {args.local_size}px, warm-up {args.warmup_epochs:g} epochs, "
+              f"teacher temperature {args.warmup_teacher_temp} -> {args.teacher_temp} over "
+              f"{args.warmup_teacher_temp_epochs} epochs, head BatchNorm {args.head_bn}; run folder {out}")
 
     # --- model, optimizer, schedule ---
     bb_kwargs = common.backbone_kwargs(args, data.img_size)
     model = DINO(common.build_backbone(args.backbone, **bb_kwargs), args.out_dim, args.head_hidden, args.bottleneck,
-                 head_bn)
+                 args.head_bn == "on")
     teacher = copy.deepcopy(model).requires_grad_(False)  # same initial weights; updated only by the EMA
     teacher.register_buffer("center", torch.zeros(1, args.out_dim))  # saved and moved with the teacher
     if world > 1:
         model = common.convert_sync_batchnorm(model, device)
         teacher = common.convert_sync_batchnorm(teacher, device)
-    model, teacher = model.to(device, memory_format=fmt), teacher.to(device, memory_format=fmt)
-    lr = args.lr * args.batch_size / 256
-    optimizer = make_optimizer("adamw", param_groups(model, args.weight_decay), lr)
-    total_steps, warmup_steps = args.epochs * steps_per_epoch, int(warmup * steps_per_epoch)
+    model, teacher = model.to(device, memory_format=memory_format), teacher.to(device, memory_format=memory_format)
+    lr = common.scaled_lr(args.lr, args.batch_size)
+    optimizer = common.make_optimizer("adamw", common.param_groups(model, args.weight_decay), lr)
+    total_steps, warmup_steps = args.epochs * steps_per_epoch, int(args.warmup_epochs * steps_per_epoch)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, total_steps, warmup_steps))
     start_epoch = common.restore(ckpt, rank, model=model, teacher=teacher, optimizer=optimizer, scheduler=scheduler,
                                  scaler=scaler)
-    train_model = common.compile_model(model, fmt) if args.compile else model
-    train_teacher = common.compile_model(teacher, fmt) if args.compile else teacher
+    train_model = common.compile_model(model, memory_format) if args.compile else model
+    train_teacher = common.compile_model(teacher, memory_format) if args.compile else teacher
     if world > 1:
         train_model = nn.parallel.DistributedDataParallel(
             train_model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -317,12 +319,13 @@ def main(argv=None):
         for step, (x, _) in enumerate(loader):
             x = x.to(device, non_blocking=True)
             with torch.no_grad():  # 2 global + L local crops of every image, augmented on the device
-                global_crops, local_crops = multi_crop(x, data.img_size, local_size, args.local_crops,
+                global_crops, local_crops = multi_crop(x, data.img_size, args.local_size, args.local_crops,
                                                        args.global_scale, args.local_scale)
-                global_crops = global_crops.contiguous(memory_format=fmt)
-                local_crops = local_crops.contiguous(memory_format=fmt) if local_crops is not None else None
+                global_crops = global_crops.contiguous(memory_format=memory_format)
+                local_crops = local_crops.contiguous(memory_format=memory_format) if local_crops is not None else None
             it = epoch * steps_per_epoch + step
-            now = {"teacher_temp": teacher_temp_at(epoch, args.warmup_teacher_temp, args.teacher_temp, temp_warmup),
+            now = {"teacher_temp": teacher_temp_at(epoch, args.warmup_teacher_temp, args.teacher_temp,
+                                                   args.warmup_teacher_temp_epochs),
                    "momentum": cosine_schedule(it, total_steps, args.momentum_teacher, 1.0),
                    "weight_decay": cosine_schedule(it, total_steps, args.weight_decay, args.weight_decay_end),
                    "freeze_last_layer": epoch < args.freeze_last_layer}
@@ -339,9 +342,9 @@ def main(argv=None):
                    "teacher_entropy": sums["entropy"] / steps_per_epoch, "kl": sums["kl"] / steps_per_epoch,
                    "lr": scheduler.get_last_lr()[0], "teacher_temp": now["teacher_temp"], "momentum": now["momentum"],
                    "img_per_s": steps_per_epoch * args.batch_size / (time.time() - t_epoch)}
-        if rank == 0 and ((epoch + 1) % args.knn_every == 0 or epoch + 1 == args.epochs):
-            knn_top1 = metrics["knn_top1"] = knn_monitor(teacher.encoder, data, device, args.knn_k,
-                                                         args.knn_temperature, autocast, args.workers)
+        if rank == 0 and common.knn_epoch(epoch, args):
+            knn_top1 = metrics["knn_top1"] = common.knn_monitor(teacher.encoder, data, device, args.knn_k,
+                                                                args.knn_temperature, autocast, args.workers)
         log.epoch(**metrics)
         common.save_training_checkpoint(
             os.path.join(out, "last.pt"), rank, world, method=METHOD, args=vars(args), epoch=epoch + 1,

@@ -10,8 +10,9 @@ Every image is a background (a labelled natural image) plus an MNIST digit. Two 
 What is not shared is drawn independently for each view (as in the paper), so it is as often equal as chance says.
 Each setting trains an encoder with SimCLR (its flags, model, loss and update, from simclr.py), then a weighted kNN
 judges it on two tasks, digit class and background class, of a fixed, seeded set of composed images. A random-init
-encoder is the reference row. Results: table.md, table.json and bars.png in the run folder. One process (no
-torchrun).
+encoder is the reference row. Results: table.md and table.json in the run folder (`python visualize.py
+imagenet-mnist-bars --run <folder>` draws them). One process (no torchrun). An experiment on SimCLR, it imports
+simclr.py (a method file's flags, model and update) and common.py.
 docs/imagenet_mnist.md has the details and the measured table.
 
     python imagenet_mnist.py --backgrounds shapes --shapes-n 2000 500 --img-size 32 --width 8 --epochs 5 \\
@@ -31,7 +32,6 @@ import torchvision
 import common
 import simclr
 from common import color_jitter, fail, gaussian_blur, normalize, random_flip, random_resized_crop, to_float
-from knn_eval import knn_predict
 
 METHOD = "imagenet_mnist"
 SETTINGS = ["digit", "background", "both"]  # the table's row order
@@ -55,9 +55,7 @@ def get_args(argv=None):
     p.add_argument("--batch-size", type=int, default=256, help="batch size (pairs of views)")
     simclr.add_simclr_args(p)
     p.set_defaults(optimizer="sgd", weight_decay=1e-4, crop_min_scale=0.3)  # the crop is of the background only
-    p.add_argument("--knn-every", type=int, default=5, help="two-task kNN monitor every N epochs (and the last)")
-    p.add_argument("--knn-k", type=int, default=200, help="kNN: neighbours")
-    p.add_argument("--knn-temperature", type=float, default=0.1, help="kNN: vote temperature")
+    common.add_knn_args(p)  # the monitor judges both tasks
     common.add_common_args(p, backbone="resnet18")
     p.set_defaults(data="imagenette")  # --data and --backgrounds are one flag
     return p, p.parse_args(argv)
@@ -141,16 +139,15 @@ def augment_view(backgrounds, digits, size, min_scale=0.3, jitter_strength=0.5):
     return normalize(compose(x, digits))
 
 
-# ================================================================================================================
-# ALGO LOGIC: the two views of one step share only `shared` (the experiment); the update is simclr.train_step
-# ================================================================================================================
+# ----------------------------------------------------------------------------------------------------------------
+# The experiment: the two views of one step share only `shared`; the update is simclr.train_step
+# ----------------------------------------------------------------------------------------------------------------
 def make_views(shared, idx, backgrounds, digit_images, size, min_scale, jitter_strength, device):
     """Two augmented views (normalised float (N, 3, size, size) each, on `device`) of the N samples whose first
     background is backgrounds[idx]: sample_pairs picks each view's background and digit, augment_view composes."""
     bg1, bg2, dg1, dg2 = sample_pairs(shared, idx, len(backgrounds), len(digit_images))
     return tuple(augment_view(backgrounds[bg].to(device, non_blocking=True), digit_images[dg].to(device), size,
                               min_scale, jitter_strength) for bg, dg in [(bg1, dg1), (bg2, dg2)])
-# ================================================================================================================
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -190,13 +187,14 @@ def two_task_errors(encoder, memory, test, device, k=200, temperature=0.1, autoc
     errors = {}
     for task, mem_y, test_y, C in [("digit", memory[1], test[1], memory[2]),
                                    ("background", memory[0].labels, test[0].labels, len(test[0].classes))]:
-        pred = knn_predict(fm, mem_y.to(device), ft, C, k, temperature).cpu()
+        pred = common.knn_predict(fm, mem_y.to(device), ft, C, k, temperature).cpu()
         errors[f"{task}_error"] = 100.0 * (pred != test_y).float().mean().item()
     return errors
 
 
 def write_table(rows, out):
-    """rows: {setting: {"digit_error", "background_error", ...}} -> table.md, table.json, bars.png in `out`."""
+    """rows: {setting: {"digit_error", "background_error", ...}} -> table.md and table.json in `out`. Returns the
+    markdown table."""
     order = [s for s in SETTINGS + ["random"] if s in rows]
     md = ["| shared between views | digit error (%) | background error (%) |", "|---|---|---|"]
     md += [f"| {ROW_NAMES[s]} | {rows[s]['digit_error']:.1f} | {rows[s]['background_error']:.1f} |" for s in order]
@@ -205,22 +203,6 @@ def write_table(rows, out):
         f.write(md)
     with open(os.path.join(out, "table.json"), "w") as f:
         json.dump({s: rows[s] for s in order}, f, indent=2)
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 3.2))
-    w = 0.8 / len(order)
-    for i, s in enumerate(order):
-        ax.bar([j + (i - (len(order) - 1) / 2) * w for j in range(2)],
-               [rows[s]["digit_error"], rows[s]["background_error"]], w, label=ROW_NAMES[s])
-    ax.set_xticks([0, 1], ["digit class", "background class"])
-    ax.set_ylabel("kNN error (%)")
-    ax.set_title("shared between the two views")
-    ax.legend(fontsize=8)
-    ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "bars.png"), dpi=80)
-    plt.close(fig)
     return md
 
 
@@ -245,7 +227,7 @@ def train_setting(args, shared, data, digits, memory, test, device, autocast, sc
     ckpt = common.load_checkpoint(ckpt_path) if args.resume and os.path.exists(ckpt_path) else None
     common.seed_everything(args.seed)  # every setting starts from the same initial weights
     log = common.RunLog(out, args, start_epoch=ckpt["epoch"] if ckpt else 0)
-    fmt = common.memory_format(device, args.channels_last)
+    memory_format = common.memory_format(device, args.channels_last)
     digit_images, _ = digits
     n_bg, bs = len(data.train), args.batch_size
     steps_per_epoch = n_bg // bs
@@ -253,14 +235,14 @@ def train_setting(args, shared, data, digits, memory, test, device, autocast, sc
     # --- model, optimizer, schedule (SimCLR's) ---
     bb_kwargs = common.backbone_kwargs(args, data.img_size)
     model = simclr.SimCLR(common.build_backbone(args.backbone, **bb_kwargs), args.proj_hidden, args.proj_dim)
-    model = model.to(device, memory_format=fmt)
-    lr = (args.lr or {"lars": 1.0, "sgd": 0.3, "adamw": 1e-3}[args.optimizer]) * bs / 256
-    optimizer = simclr.make_optimizer(args.optimizer, simclr.param_groups(model, args.weight_decay), lr)
+    model = model.to(device, memory_format=memory_format)
+    lr = common.scaled_lr(args.lr, bs, simclr.BASE_LR, args.optimizer)
+    optimizer = common.make_optimizer(args.optimizer, common.param_groups(model, args.weight_decay), lr)
     total_steps, warmup_steps = args.epochs * steps_per_epoch, int(args.warmup_epochs * steps_per_epoch)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: common.warmup_cosine(step, total_steps, warmup_steps))
     start_epoch = common.restore(ckpt, 0, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
-    train_model = common.compile_model(model, fmt) if args.compile else model
+    train_model = common.compile_model(model, memory_format) if args.compile else model
     log.print(f"[{shared}] views share: {ROW_NAMES[shared]}; {steps_per_epoch} steps per epoch, jitter "
               f"{args.jitter_strength}, warm-up {args.warmup_epochs:g} epochs"
               + (f"; resumed from {ckpt_path} at epoch {start_epoch}" if ckpt else ""))
@@ -273,7 +255,7 @@ def train_setting(args, shared, data, digits, memory, test, device, autocast, sc
         sums, t_epoch = {"loss": 0.0, "acc": 0.0}, time.time()
         for step in range(steps_per_epoch):
             with torch.no_grad():  # the two views, composed and augmented on the device
-                v1, v2 = (v.contiguous(memory_format=fmt) for v in make_views(
+                v1, v2 = (v.contiguous(memory_format=memory_format) for v in make_views(
                     shared, order[step * bs:(step + 1) * bs], data.train.images, digit_images, data.img_size,
                     args.crop_min_scale, args.jitter_strength, device))
             loss, acc = simclr.train_step(train_model, v1, v2, optimizer, scheduler, scaler, autocast,
@@ -286,7 +268,7 @@ def train_setting(args, shared, data, digits, memory, test, device, autocast, sc
         metrics = {"epoch": epoch + 1, "loss": sums["loss"] / steps_per_epoch,
                    "contrastive_acc": sums["acc"] / steps_per_epoch, "lr": scheduler.get_last_lr()[0],
                    "img_per_s": steps_per_epoch * bs / (time.time() - t_epoch)}
-        if (epoch + 1) % args.knn_every == 0 or epoch + 1 == args.epochs:
+        if common.knn_epoch(epoch, args):
             errors = two_task_errors(model.encoder, memory, test, device, args.knn_k, args.knn_temperature, autocast)
             metrics.update(errors)
         log.epoch(**metrics)
@@ -354,7 +336,7 @@ def main(argv=None):
     encoder = common.build_backbone(args.backbone, **common.backbone_kwargs(args, data.img_size)).to(device)
     rows["random"] = two_task_errors(encoder, memory, test, device, args.knn_k, args.knn_temperature, autocast)
 
-    # --- summary: table.md, table.json, bars.png, summary.json ---
+    # --- summary: table.md, table.json, summary.json ---
     md = write_table(rows, out)
     pattern = paper_pattern(rows)
     summary = {"method": METHOD, "backgrounds": args.data, "digits": args.digits, "img_size": data.img_size,
@@ -362,7 +344,8 @@ def main(argv=None):
                "device": str(device), "seed": args.seed}
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
-    print(md + (f"paper's pattern: {pattern}\n" if pattern else "") + f"results in {out}", flush=True)
+    print(md + (f"paper's pattern: {pattern}\n" if pattern else "") + f"results in {out}\nfigure: python visualize.py "
+          f"imagenet-mnist-bars --run {out} --out {os.path.join(out, 'bars.png')}", flush=True)
     return summary
 
 

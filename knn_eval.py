@@ -31,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import common
-from common import extract_features, fail, normalize, random_flip, to_float
+from common import extract_features, fail, normalize, to_float
 
 SHOTS = [10, 20, 50, 100, 200, 500]
 PROTOCOLS = ["knn", "1nn", "linear", "fewshot", "layers"]
@@ -129,49 +129,8 @@ def check_flags_act(args, given, backbone):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 1-2. Weighted kNN and 1-NN
+# 1-2. Weighted kNN and 1-NN, from one pass of common.knn_neighbours (the training scripts' kNN monitor)
 # ----------------------------------------------------------------------------------------------------------------
-@torch.no_grad()
-def knn_neighbours(train_feats, test_feats, k, chunk=1024):
-    """Cosine similarities (Nq, k) and indices (Nq, k) of the k most similar training features of each query,
-    in chunks of `chunk` queries on the features' device (so 50,000 x 10,000 fits in memory)."""
-    train = F.normalize(train_feats.float(), dim=1)  # (Nt, D)
-    k = min(k, train.shape[0])
-    sims, idxs = [], []
-    for q in F.normalize(test_feats.float(), dim=1).split(chunk):  # q: (B, D)
-        s, i = (q @ train.T).topk(k, dim=1)  # (B, k), most similar first
-        sims.append(s)
-        idxs.append(i)
-    return torch.cat(sims), torch.cat(idxs)
-
-
-def knn_votes(sim, idx, train_labels, num_classes, k, temperature):
-    """Class scores (Nq, C) from neighbours sorted by similarity: the first k vote with weight exp(s / temperature)."""
-    sim, idx = sim[:, :k], idx[:, :k]
-    votes = torch.zeros(sim.shape[0], num_classes, device=sim.device)
-    return votes.scatter_add_(1, train_labels[idx], (sim / temperature).exp())
-
-
-def knn_scores(train_feats, train_labels, test_feats, num_classes, k=200, temperature=0.1, chunk=1024):
-    """Class scores (Nq, C) of the weighted kNN: cosine similarity s on L2-normalised features, the k most similar
-    training images vote for their class with weight exp(s / temperature) (Wu et al. 2018)."""
-    sim, idx = knn_neighbours(train_feats, test_feats, k, chunk)  # (Nq, k) each
-    return knn_votes(sim, idx, train_labels, num_classes, k, temperature)
-
-
-def knn_predict(train_feats, train_labels, test_feats, num_classes, k=200, temperature=0.1):
-    """Predicted labels (Nq,) of the weighted kNN classifier (see knn_scores)."""
-    return knn_scores(train_feats, train_labels, test_feats, num_classes, k, temperature).argmax(1)
-
-
-def knn_monitor(encoder, data, device, k=200, temperature=0.1, autocast=None, workers=0):
-    """Top-1 (%) of the weighted kNN: memory bank = labelled training split, queries = test split."""
-    train = extract_features(encoder, data.memory, device, autocast=autocast, workers=workers)
-    test = extract_features(encoder, data.test, device, autocast=autocast, workers=workers)
-    pred = knn_predict(train, data.memory.labels.to(device), test, data.num_classes, k, temperature)
-    return (pred.cpu() == data.test.labels).float().mean().item() * 100
-
-
 def topk_accuracy(scores, labels, ks=(1, 5)):
     """Top-k accuracy (%) of class scores (N, C) for each k; None where k >= C (it would be 100 by definition)."""
     top = scores.topk(min(max(ks), scores.shape[1]), dim=1).indices  # (N, kmax)
@@ -183,14 +142,14 @@ def eval_knn(train, train_y, test, test_y, num_classes, args):
     """Protocols 1 and 2 from one similarity pass: the weighted kNN (--k, --temperature) and the 1-NN, which is the
     same vote with k = 1. train, test: features (N, D); *_y: labels (N,). Returns the result rows."""
     k = args.k if "knn" in args.protocols else 1
-    sim, idx = knn_neighbours(train, test, k)  # (Nq, k), most similar first
+    sim, idx = common.knn_neighbours(train, test, k)  # (Nq, k), most similar first
     rows = []
     if "knn" in args.protocols:
-        top1, top5 = topk_accuracy(knn_votes(sim, idx, train_y, num_classes, k, args.temperature), test_y)
+        top1, top5 = topk_accuracy(common.knn_votes(sim, idx, train_y, num_classes, k, args.temperature), test_y)
         rows.append({"protocol": "weighted kNN", "setting": f"k={min(k, len(train_y))}, τ={args.temperature}, cosine",
                      "top1": top1, "top5": top5})
     if "1nn" in args.protocols:  # one vote exp(s / 1) > 0 (with τ = 1 it cannot underflow to a tie at zero)
-        top1 = topk_accuracy(knn_votes(sim, idx, train_y, num_classes, 1, 1.0), test_y, (1,))[0]
+        top1 = topk_accuracy(common.knn_votes(sim, idx, train_y, num_classes, 1, 1.0), test_y, (1,))[0]
         rows.append({"protocol": "1-NN", "setting": "cosine", "top1": top1, "top5": None})
     return rows
 
@@ -373,23 +332,9 @@ def eval_layers(encoder, feats, train_y, test_y, num_classes, img_size, args):
 # ----------------------------------------------------------------------------------------------------------------
 # 6. Supervised baseline: the backbone trained from scratch on labels only, with the usual light augmentation
 # ----------------------------------------------------------------------------------------------------------------
-def light_augment(x, size):
-    """float (N, 3, S, S) in [0, 1] -> (N, 3, size, size): random crop of the reflect-padded image (padding size/8,
-    the CIFAR recipe) and horizontal flip, each image with its own offsets."""
-    x = common.center_resize(x, size)
-    N, p = x.shape[0], max(1, size // 8)
-    x = F.pad(x, (p, p, p, p), mode="reflect")
-    i, j = torch.randint(0, 2 * p + 1, (2, N, 1), device=x.device)
-    r = torch.arange(size, device=x.device)
-    rows, cols = (i + r)[:, None, :, None], (j + r)[:, None, None, :]  # (N, 1, size, 1), (N, 1, 1, size)
-    x = x[torch.arange(N, device=x.device)[:, None, None, None], torch.arange(3, device=x.device)[None, :, None, None],
-          rows, cols]
-    return random_flip(x)
-
-
-def train_supervised(args, data, device, autocast, fmt=torch.contiguous_format, log=print):
+def train_supervised(args, data, device, autocast, memory_format=torch.contiguous_format, log=print):
     """Encoder + linear head trained with cross-entropy on `labels_per_class` images per class (all if None),
-    SGD with momentum and cosine decay, in memory format `fmt`. Returns (encoder in eval mode, head, training
+    SGD with momentum and cosine decay, in `memory_format`. Returns (encoder in eval mode, head, training
     indices). The indices and batch orders live on the CPU, where the images are held."""
     labels = data.memory.labels
     idx = (torch.arange(len(labels)) if args.labels_per_class is None
@@ -399,7 +344,8 @@ def train_supervised(args, data, device, autocast, fmt=torch.contiguous_format, 
     images, targets = data.memory.images[idx], labels[idx].to(device)
     size = data.img_size
     encoder = common.build_backbone(args.backbone, **common.backbone_kwargs(args, size))
-    model = nn.Sequential(encoder, nn.Linear(encoder.feature_dim, data.num_classes)).to(device, memory_format=fmt)
+    model = nn.Sequential(encoder, nn.Linear(encoder.feature_dim, data.num_classes))
+    model = model.to(device, memory_format=memory_format)
     groups = [{"params": [p for p in model.parameters() if p.ndim > 1], "weight_decay": 5e-4},
               {"params": [p for p in model.parameters() if p.ndim <= 1], "weight_decay": 0.0}]
     opt = torch.optim.SGD(groups, lr=args.sup_lr, momentum=0.9, nesterov=True)
@@ -411,7 +357,8 @@ def train_supervised(args, data, device, autocast, fmt=torch.contiguous_format, 
         if len(order) < bs:  # a new epoch
             order = torch.cat([order, torch.randperm(len(idx))])
         b, order = order[:bs], order[bs:]
-        x = normalize(light_augment(to_float(images[b].to(device)), size)).contiguous(memory_format=fmt)
+        x = normalize(common.light_augment(to_float(images[b].to(device)), size))
+        x = x.contiguous(memory_format=memory_format)
         with autocast():
             loss = F.cross_entropy(model(x).float(), targets[b.to(device)])
         opt.zero_grad(set_to_none=True)
@@ -424,10 +371,10 @@ def train_supervised(args, data, device, autocast, fmt=torch.contiguous_format, 
     return model[0].eval(), model[1].eval(), idx
 
 
-def eval_supervised(args, data, device, autocast, fmt, img_size, out_dir):
+def eval_supervised(args, data, device, autocast, memory_format, img_size, out_dir):
     """Protocol 6: train_supervised, score its classifier on the test split, save it as out_dir/supervised.pt
     (loadable by common.load_encoder). Returns (the trained encoder, to evaluate next, and the result row)."""
-    encoder, head, idx = train_supervised(args, data, device, autocast, fmt)
+    encoder, head, idx = train_supervised(args, data, device, autocast, memory_format)
     logits = extract_features(nn.Sequential(encoder, head), data.test, device, args.batch_size, img_size, autocast,
                               args.workers)
     top1, top5 = topk_accuracy(logits, data.test.labels.to(device))
@@ -569,7 +516,7 @@ def main(argv=None):
     common.seed_everything(args.seed)
     device = common.get_device(args.device)
     autocast, _ = common.setup_amp(args.amp, device)
-    fmt = common.memory_format(device, args.channels_last)
+    memory_format = common.memory_format(device, args.channels_last)
 
     # --- what is evaluated (a checkpoint's encoder, a random one, the pixels, a supervised one), on which data ---
     encoder, ckpt, backbone, label = what_to_evaluate(args, given, device)
@@ -585,9 +532,10 @@ def main(argv=None):
     elif args.pixels:
         encoder = Pixels()
     elif args.supervised:
-        encoder, row = eval_supervised(args, data, device, autocast, fmt, img_size, os.path.dirname(out_json))
+        encoder, row = eval_supervised(args, data, device, autocast, memory_format, img_size,
+                                       os.path.dirname(out_json))
         rows.append(row)
-    encoder = encoder.to(device, memory_format=fmt)
+    encoder = encoder.to(device, memory_format=memory_format)
     if not args.pixels:
         check_input_fits(encoder, data.test.images.shape[1], img_size, f"--data {args.data}")
 

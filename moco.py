@@ -29,48 +29,39 @@ import torch.nn.functional as F
 import common
 from common import (color_jitter, gaussian_blur, normalize, random_flip, random_grayscale, random_resized_crop,
                     to_float, warmup_cosine)
-from knn_eval import knn_monitor
-from simclr import make_optimizer  # SGD (momentum 0.9) or AdamW
 
 METHOD = "moco"
+BASE_LR = {"sgd": 0.03, "adamw": 1e-3}  # --lr default of each --optimizer, per 256 images
 
 
 def add_moco_args(p):
-    """MoCo's method flags. Defaults marked "small / large" depend on the image size (below 96 px: CIFAR, the
-    reference CIFAR-10 demo's values; else ImageNet, the reference code's)."""
-    p.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"], help="optimizer (the reference: SGD, "
-                   "momentum 0.9)")
+    """MoCo's method flags. "small / large": the default for images below 96 px / from 96 px."""
+    p.add_argument("--optimizer", default="sgd", choices=list(BASE_LR), help="optimizer (SGD: momentum 0.9)")
     p.add_argument("--lr", type=float, default=None,
-                   help="base learning rate per 256 images, scaled by batch-size/256 (default: sgd 0.03, the "
-                        "reference's 0.03 at batch 256 on ImageNet and 0.06 at batch 512 on CIFAR-10; adamw 1e-3)")
+                   help=f"base learning rate per 256 images, scaled by batch-size/256 (default: {BASE_LR})")
     p.add_argument("--weight-decay", type=float, default=None,
-                   help="weight decay on every parameter, as the reference (default: 5e-4 small / 1e-4 large)")
-    p.add_argument("--warmup-epochs", type=float, default=0.0,
-                   help="linear warm-up epochs, then cosine decay (the reference: none)")
+                   help="weight decay on every parameter (default: 5e-4 small / 1e-4 large)")
+    p.add_argument("--warmup-epochs", type=float, default=0.0, help="linear warm-up epochs, then cosine decay")
     p.add_argument("--temperature", type=float, default=None,
-                   help="softmax temperature tau of the InfoNCE loss (default: 0.2, v2's; 0.07 with --no-mlp, v1's; "
-                        "the CIFAR-10 demo uses 0.1)")
+                   help="softmax temperature tau of the InfoNCE loss (default: 0.2; 0.07 with --no-mlp)")
     p.add_argument("--moco-dim", type=int, default=128, help="output size of the projection head (key size)")
     p.add_argument("--no-mlp", action="store_true",
-                   help="MoCo v1's linear projection head instead of v2's 2-layer MLP (the CIFAR-10 demo has none)")
+                   help="a linear projection head (MoCo v1's) instead of the 2-layer MLP (v2's)")
     p.add_argument("--moco-k", type=int, default=None,
                    help="queue size K, the number of negative keys; a multiple of the keys enqueued per step (global "
                         "batch, x2 with --symmetric) (default: 4096 small / 65536 large)")
     p.add_argument("--moco-m", type=float, default=None,
                    help="key encoder momentum m in [0, 1): theta_k <- m theta_k + (1 - m) theta_q every step; 0 = the "
-                        "key encoder is the query encoder (default: 0.99 for images below 96 px as the CIFAR-10 "
-                        "demo, 0.999 for larger ones as the paper on ImageNet)")
+                        "key encoder is the query encoder (default: 0.99 small / 0.999 large)")
     p.add_argument("--symmetric", action="store_true",
-                   help="also use view 2 as query and view 1 as key and add that loss (the CIFAR-10 demo's option)")
+                   help="also use view 2 as query and view 1 as key and add that loss")
     p.add_argument("--bn-splits", type=int, default=None,
                    help="shuffling BatchNorm on one device: BatchNorm statistics over this many sub-batches and the "
-                        "key batch shuffled before the key encoder; 1 = plain BatchNorm over the whole batch (default:"
-                        " 8 in one process, as the CIFAR-10 demo; 1 under torchrun, where the keys are shuffled "
-                        "across the processes and each one's BatchNorm is a split)")
+                        "key batch shuffled before the key encoder; 1 = plain BatchNorm over the whole batch "
+                        "(default: 8 in one process, 1 under torchrun, where the keys are shuffled across processes)")
     p.add_argument("--crop-min-scale", type=float, default=0.2,
-                   help="smallest crop area fraction of the random resized crop (MoCo v2: 0.2; CIFAR-10 demo: 0.08)")
-    p.add_argument("--blur-prob", type=float, default=0.5,
-                   help="probability of the Gaussian blur (MoCo v2: 0.5; the CIFAR-10 demo: 0)")
+                   help="smallest crop area fraction of the random resized crop")
+    p.add_argument("--blur-prob", type=float, default=0.5, help="probability of the Gaussian blur")
 
 
 def get_args(argv=None):
@@ -79,9 +70,7 @@ def get_args(argv=None):
     p.add_argument("--epochs", type=int, default=200, help="training epochs")
     p.add_argument("--batch-size", type=int, default=512, help="global batch size (split over torchrun ranks)")
     add_moco_args(p)
-    p.add_argument("--knn-every", type=int, default=5, help="weighted-kNN monitor every N epochs (and the last)")
-    p.add_argument("--knn-k", type=int, default=200, help="kNN monitor: neighbours")
-    p.add_argument("--knn-temperature", type=float, default=0.1, help="kNN monitor: vote temperature")
+    common.add_knn_args(p)
     common.add_common_args(p, backbone="resnet18")
     return p, p.parse_args(argv)
 
@@ -311,7 +300,7 @@ def main(argv=None):
     check_args(args)
     device, rank, world = common.setup_run(args)
     autocast, scaler = common.setup_amp(args.amp, device)
-    fmt = common.memory_format(device, args.channels_last)
+    memory_format = common.memory_format(device, args.channels_last)
     out = common.run_folder(args, METHOD)
     log = common.RunLog(out, args, enabled=rank == 0, start_epoch=ckpt["epoch"] if ckpt else 0)
 
@@ -324,8 +313,8 @@ def main(argv=None):
     check_sizes(args.moco_k, args.batch_size, args.symmetric, args.bn_splits, world)
     log.print(f"{data.name}: {len(data.train)} training images at {data.img_size}px, kNN on {len(data.memory)} "
               f"labelled / {len(data.test)} test images, {data.num_classes} classes; device {device} "
-              f"({autocast.dtype or torch.float32}, {fmt}), {world} process(es); queue K {args.moco_k}, momentum m "
-              f"{args.moco_m}, tau {args.temperature}, BatchNorm splits {args.bn_splits}, weight decay "
+              f"({autocast.dtype or torch.float32}, {memory_format}), {world} process(es); queue K {args.moco_k}, "
+              f"momentum m {args.moco_m}, tau {args.temperature}, BatchNorm splits {args.bn_splits}, weight decay "
               f"{args.weight_decay}; run folder {out}")
 
     # --- model, key encoder, queue, optimizer, schedule ---
@@ -333,18 +322,18 @@ def main(argv=None):
     model = MoCo(common.build_backbone(args.backbone, **bb_kwargs), args.moco_dim, mlp=not args.no_mlp)
     if args.bn_splits > 1:  # no SyncBatchNorm under torchrun: shuffling BN needs each rank's own statistics
         model = convert_split_batchnorm(model, args.bn_splits)
-    model = model.to(device, memory_format=fmt)
+    model = model.to(device, memory_format=memory_format)
     key_model = make_key_encoder(model)
     queue = Queue(args.moco_k, args.moco_dim, args.seed).to(device)
-    lr = (args.lr or {"sgd": 0.03, "adamw": 1e-3}[args.optimizer]) * args.batch_size / 256
+    lr = common.scaled_lr(args.lr, args.batch_size, BASE_LR, args.optimizer)
     groups = [{"params": list(model.parameters()), "weight_decay": args.weight_decay}]  # all decayed, as the reference
-    optimizer = make_optimizer(args.optimizer, groups, lr)
+    optimizer = common.make_optimizer(args.optimizer, groups, lr)
     total_steps, warmup_steps = args.epochs * steps_per_epoch, int(args.warmup_epochs * steps_per_epoch)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, total_steps, warmup_steps))
     start_epoch = common.restore(ckpt, rank, model=model, key_model=key_model, queue=queue, optimizer=optimizer,
                                  scheduler=scheduler, scaler=scaler)
-    train_model = common.compile_model(model, fmt) if args.compile else model
-    key_train_model = common.compile_model(key_model, fmt) if args.compile else key_model
+    train_model = common.compile_model(model, memory_format) if args.compile else model
+    key_train_model = common.compile_model(key_model, memory_format) if args.compile else key_model
     if world > 1:
         train_model = nn.parallel.DistributedDataParallel(
             train_model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -362,7 +351,7 @@ def main(argv=None):
             x = x.to(device, non_blocking=True)
             with torch.no_grad():  # two independent views of every image, augmented on the device
                 v1, v2 = (moco_augment(x, data.img_size, args.crop_min_scale, args.blur_prob)
-                          .contiguous(memory_format=fmt) for _ in range(2))
+                          .contiguous(memory_format=memory_format) for _ in range(2))
             loss, acc = train_step(train_model, key_train_model, queue, v1, v2, optimizer, scheduler, scaler,
                                    autocast, args.temperature, args.moco_m, args.symmetric, world, rank)
             sums["loss"] += loss
@@ -374,9 +363,9 @@ def main(argv=None):
         metrics = {"epoch": epoch + 1, "loss": sums["loss"] / steps_per_epoch,
                    "instance_acc": sums["acc"] / steps_per_epoch, "lr": scheduler.get_last_lr()[0],
                    "img_per_s": steps_per_epoch * args.batch_size / (time.time() - t_epoch)}
-        if rank == 0 and ((epoch + 1) % args.knn_every == 0 or epoch + 1 == args.epochs):
-            knn_top1 = metrics["knn_top1"] = knn_monitor(model.encoder, data, device, args.knn_k, args.knn_temperature,
-                                                         autocast, args.workers)
+        if rank == 0 and common.knn_epoch(epoch, args):
+            knn_top1 = metrics["knn_top1"] = common.knn_monitor(model.encoder, data, device, args.knn_k,
+                                                                args.knn_temperature, autocast, args.workers)
         log.epoch(**metrics)
         common.save_training_checkpoint(
             os.path.join(out, "last.pt"), rank, world, method=METHOD, args=vars(args), epoch=epoch + 1,

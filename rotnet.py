@@ -21,8 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import common
-from common import normalize, to_float, warmup_cosine
-from knn_eval import knn_monitor, light_augment
+from common import light_augment, normalize, to_float, warmup_cosine
 
 METHOD = "rotnet"
 ROTATIONS = 4  # 0, 90, 180, 270 degrees
@@ -31,7 +30,7 @@ ROTATIONS = 4  # 0, 90, 180, 270 degrees
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="RotNet pre-training (predict the rotation) with a weighted-kNN monitor",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--epochs", type=int, default=100, help="training epochs (paper, CIFAR-10: 100)")
+    p.add_argument("--epochs", type=int, default=100, help="training epochs")
     p.add_argument("--batch-size", type=int, default=128,
                    help="global batch size in images (split over torchrun ranks); the network sees 4x as many, "
                         "every image in its four rotations")
@@ -41,16 +40,10 @@ def get_args(argv=None):
     p.add_argument("--schedule", default="step", choices=["step", "cosine"],
                    help="step: lr x --lr-decay after each of --milestones (paper); cosine: cosine decay to 0")
     p.add_argument("--milestones", type=float, nargs="+", default=[0.3, 0.6, 0.8],
-                   help="step schedule: fractions of --epochs after which the lr drops (paper: epochs 30, 60, 80 "
-                        "of 100; reference code: 60, 120, 160 of 200)")
+                   help="step schedule: fractions of --epochs after which the lr drops")
     p.add_argument("--lr-decay", type=float, default=0.2, help="step schedule: lr factor at each milestone")
-    p.add_argument("--knn-every", type=int, default=5, help="weighted-kNN monitor every N epochs (and the last)")
-    p.add_argument("--knn-k", type=int, default=200, help="kNN monitor: neighbours")
-    p.add_argument("--knn-temperature", type=float, default=0.1, help="kNN monitor: vote temperature")
-    common.add_common_args(p, backbone="alexnet")
-    p.set_defaults(no_sobel=True)  # the paper's AlexNet sees RGB (DeepCluster's sees Sobel edges)
-    p.add_argument("--sobel", dest="no_sobel", action="store_false", default=argparse.SUPPRESS,
-                   help="AlexNet only: DeepCluster's fixed Sobel input layer (default: RGB input, as the paper)")
+    common.add_knn_args(p)
+    common.add_common_args(p, backbone="alexnet", sobel=False)  # the paper's AlexNet sees RGB; --sobel: Sobel edges
     return p, p.parse_args(argv)
 
 
@@ -69,7 +62,7 @@ def check_args(args):
 # ----------------------------------------------------------------------------------------------------------------
 def rotnet_augment(x, size):
     """uint8 (N, 3, H, W) -> normalised float (N, 3, size, size): a random crop of the image padded by size/8
-    (4 px at 32 px) and a horizontal flip (knn_eval.light_augment), one view per image."""
+    (4 px at 32 px) and a horizontal flip (common.light_augment), one view per image."""
     return normalize(light_augment(to_float(x), size))
 
 
@@ -135,24 +128,6 @@ def rotation_accuracy(model, split, device, autocast, batch_size=256):
     return per_image.mean().item(), per_class
 
 
-def plot_rotation_per_class(per_class, png_path):
-    """Bar chart of the held-out rotation accuracy per class, with chance (25%)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    names = list(per_class)
-    fig, ax = plt.subplots(figsize=(min(20.0, max(4.0, 0.45 * len(names))), 3))
-    ax.bar(range(len(names)), [100 * per_class[c] for c in names])
-    ax.axhline(25, color="gray", ls="--", label="chance (25%)")
-    ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
-    ax.set_ylabel("test rotation accuracy (%)")
-    ax.set_ylim(0, 100)
-    ax.legend(loc="upper left")
-    fig.tight_layout()
-    fig.savefig(png_path, dpi=80)
-    plt.close(fig)
-
-
 def lr_factor(step, steps_per_epoch, epochs, schedule="step", milestones=(0.3, 0.6, 0.8), decay=0.2):
     """Learning-rate factor at optimiser step `step`. step: decay ** (milestones passed), the milestones being
     fractions of the run rounded to whole epochs (the paper's CIFAR-10 schedule: x0.2 after epochs 30, 60 and 80
@@ -191,7 +166,7 @@ def main(argv=None):
     check_args(args)
     device, rank, world = common.setup_run(args)
     autocast, scaler = common.setup_amp(args.amp, device)
-    fmt = common.memory_format(device, args.channels_last)
+    memory_format = common.memory_format(device, args.channels_last)
     out = common.run_folder(args, METHOD)
     log = common.RunLog(out, args, enabled=rank == 0, start_epoch=ckpt["epoch"] if ckpt else 0)
 
@@ -202,21 +177,21 @@ def main(argv=None):
     steps_per_epoch = len(loader)
     log.print(f"{data.name}: {len(data.train)} training images at {data.img_size}px (x4 rotations), kNN on "
               f"{len(data.memory)} labelled / {len(data.test)} test images, {data.num_classes} classes; device "
-              f"{device} ({autocast.dtype or torch.float32}, {fmt}), {world} process(es); {args.schedule} schedule; "
-              f"run folder {out}")
+              f"{device} ({autocast.dtype or torch.float32}, {memory_format}), {world} process(es); {args.schedule} "
+              f"schedule; run folder {out}")
 
     # --- model, optimizer, schedule ---
     bb_kwargs = common.backbone_kwargs(args, data.img_size)
     model = RotNet(common.build_backbone(args.backbone, **bb_kwargs))
     if world > 1:
         model = common.convert_sync_batchnorm(model, device)
-    model = model.to(device, memory_format=fmt)
+    model = model.to(device, memory_format=memory_format)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=args.lr,
                                 momentum=args.momentum, weight_decay=args.weight_decay, nesterov=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(
         s, steps_per_epoch, args.epochs, args.schedule, args.milestones, args.lr_decay))
     start_epoch = common.restore(ckpt, rank, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
-    train_model = common.compile_model(model, fmt) if args.compile else model
+    train_model = common.compile_model(model, memory_format) if args.compile else model
     if world > 1:
         train_model = nn.parallel.DistributedDataParallel(
             train_model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -231,7 +206,7 @@ def main(argv=None):
             x = x.to(device, non_blocking=True)
             with torch.no_grad():  # one light augmentation per image, then its four rotations, on the device
                 v, y = rotate_batch(rotnet_augment(x, data.img_size))
-                v = v.contiguous(memory_format=fmt)
+                v = v.contiguous(memory_format=memory_format)
             loss, acc = train_step(train_model, v, y, optimizer, scheduler, scaler, autocast)
             sums["loss"] += loss
             sums["acc"] += acc
@@ -242,12 +217,11 @@ def main(argv=None):
         metrics = {"epoch": epoch + 1, "loss": sums["loss"] / steps_per_epoch,
                    "rotation_acc": sums["acc"] / steps_per_epoch, "lr": scheduler.get_last_lr()[0],
                    "img_per_s": steps_per_epoch * args.batch_size / (time.time() - t_epoch)}
-        if rank == 0 and ((epoch + 1) % args.knn_every == 0 or epoch + 1 == args.epochs):
-            knn_top1 = metrics["knn_top1"] = knn_monitor(model.encoder, data, device, args.knn_k, args.knn_temperature,
-                                                         autocast, args.workers)
+        if rank == 0 and common.knn_epoch(epoch, args):
+            knn_top1 = metrics["knn_top1"] = common.knn_monitor(model.encoder, data, device, args.knn_k,
+                                                                args.knn_temperature, autocast, args.workers)
             rot_acc, per_class = rotation_accuracy(model, data.test, device, autocast)
             metrics["test_rotation_acc"] = rot_acc
-            plot_rotation_per_class(per_class, os.path.join(out, "rotation_per_class.png"))
         log.epoch(**metrics)
         common.save_training_checkpoint(
             os.path.join(out, "last.pt"), rank, world, method=METHOD, args=vars(args), epoch=epoch + 1,
@@ -257,6 +231,8 @@ def main(argv=None):
 
     # --- summary ---
     wall = time.time() - t_start
+    log.print(f"figure: python visualize.py rotnet-per-class --run {out} "
+              f"--out {os.path.join(out, 'rotation_per_class.png')}")
     return common.finish(out, rank, world, log, {
         "method": METHOD, "data": args.data, "epochs": args.epochs, "knn_top1": knn_top1,
         "test_rotation_acc": rot_acc, "test_rotation_acc_per_class": per_class,

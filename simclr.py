@@ -24,21 +24,19 @@ import torch.nn.functional as F
 import common
 from common import (color_jitter, gaussian_blur, normalize, random_flip, random_grayscale, random_resized_crop,
                     to_float, warmup_cosine)
-from knn_eval import knn_monitor
 
 METHOD = "simclr"
+BASE_LR = {"lars": 1.0, "sgd": 0.3, "adamw": 1e-3}  # --lr default of each --optimizer, per 256 images
 
 
 def add_simclr_args(p):
     """SimCLR's method flags (imagenet_mnist.py reuses them with its own defaults)."""
-    p.add_argument("--optimizer", default="lars", choices=["lars", "sgd", "adamw"], help="optimizer")
+    p.add_argument("--optimizer", default="lars", choices=list(BASE_LR), help="optimizer")
     p.add_argument("--lr", type=float, default=None,
-                   help="base learning rate per 256 images, scaled by batch-size/256 (default: lars 1.0, sgd 0.3, "
-                        "adamw 1e-3)")
+                   help=f"base learning rate per 256 images, scaled by batch-size/256 (default: {BASE_LR})")
     p.add_argument("--weight-decay", type=float, default=1e-6, help="weight decay (not on biases and BatchNorm)")
     p.add_argument("--warmup-epochs", type=float, default=None,
-                   help="linear warm-up epochs, then cosine decay (default: 10, the paper's, capped at 10%% of "
-                        "--epochs so that short runs leave the warm-up)")
+                   help="linear warm-up epochs, then cosine decay (default: 10, at most 10%% of --epochs)")
     p.add_argument("--temperature", type=float, default=0.5, help="NT-Xent temperature tau")
     p.add_argument("--proj-hidden", type=int, default=None, help="projection head hidden size (default: feature size)")
     p.add_argument("--proj-dim", type=int, default=128, help="projection head output size")
@@ -55,9 +53,7 @@ def get_args(argv=None):
     p.add_argument("--epochs", type=int, default=100, help="training epochs")
     p.add_argument("--batch-size", type=int, default=512, help="global batch size (split over torchrun ranks)")
     add_simclr_args(p)
-    p.add_argument("--knn-every", type=int, default=5, help="weighted-kNN monitor every N epochs (and the last)")
-    p.add_argument("--knn-k", type=int, default=200, help="kNN monitor: neighbours")
-    p.add_argument("--knn-temperature", type=float, default=0.1, help="kNN monitor: vote temperature")
+    common.add_knn_args(p)
     common.add_common_args(p, backbone="resnet18")
     return p, p.parse_args(argv)
 
@@ -66,8 +62,8 @@ def resolve_defaults(args, img_size):
     """Defaults that depend on the data or the run length, written into args (so the checkpoint keeps them)."""
     if args.jitter_strength is None:  # the paper's CIFAR-10 strength for small images, ImageNet's for large ones
         args.jitter_strength = 0.5 if img_size < 96 else 1.0
-    if args.warmup_epochs is None:  # the paper's 10 epochs, at most 10% of the run
-        args.warmup_epochs = min(10.0, 0.1 * args.epochs)
+    if args.warmup_epochs is None:
+        args.warmup_epochs = common.default_warmup_epochs(args.epochs)
 
 
 def check_args(args):
@@ -150,55 +146,6 @@ def contrastive_accuracy(z1, z2):
     return (sim.argmax(1) == target).float().mean().item()
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Optimisation: LARS (You et al. 2017) as used by SimCLR, with biases and BatchNorm excluded from weight decay and
-# trust-ratio adaptation; linear warm-up then cosine decay (common.warmup_cosine), stepped every iteration.
-# ----------------------------------------------------------------------------------------------------------------
-class LARS(torch.optim.Optimizer):
-    """SGD with momentum where each weight tensor's step is scaled by the trust ratio eta |w| / |g + wd w|.
-
-    As the reference code (its LARSOptimizer), the learning rate is folded into the momentum buffer:
-        v <- m v + lr * trust * (g + wd w),   w <- w - v
-    (PyTorch's SGD keeps v <- m v + g and steps lr * v, which differs while the lr changes, e.g. in warm-up).
-    Parameter groups with `lars_exclude=True` (biases, BatchNorm) get no decay and no trust ratio."""
-    def __init__(self, params, lr, momentum=0.9, weight_decay=0.0, eta=0.001):
-        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta,
-                                      lars_exclude=False))
-
-    @torch.no_grad()
-    def step(self):
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                d = p.grad
-                if not group["lars_exclude"]:
-                    d = d.add(p, alpha=group["weight_decay"])
-                    w_norm, d_norm = p.norm(), d.norm()
-                    trust = torch.where((w_norm > 0) & (d_norm > 0), group["eta"] * w_norm / d_norm, 1.0)
-                    d = d.mul(trust)
-                buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
-                buf.mul_(group["momentum"]).add_(d, alpha=group["lr"])
-                p.sub_(buf)
-
-
-def param_groups(model, weight_decay):
-    """Weights get weight decay (and LARS adaptation); biases and BatchNorm parameters (1-D tensors) do not."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0, "lars_exclude": True}]
-
-
-def make_optimizer(name, groups, lr):
-    if name == "lars":
-        return LARS(groups, lr=lr, momentum=0.9)
-    groups = [{k: v for k, v in group.items() if k != "lars_exclude"} for group in groups]
-    if name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=0.9)
-    return torch.optim.AdamW(groups, lr=lr)
-
-
 # ================================================================================================================
 # ALGO LOGIC: one SimCLR update
 # ================================================================================================================
@@ -228,7 +175,7 @@ def main(argv=None):
     check_args(args)
     device, rank, world = common.setup_run(args)
     autocast, scaler = common.setup_amp(args.amp, device)
-    fmt = common.memory_format(device, args.channels_last)
+    memory_format = common.memory_format(device, args.channels_last)
     out = common.run_folder(args, METHOD)
     log = common.RunLog(out, args, enabled=rank == 0, start_epoch=ckpt["epoch"] if ckpt else 0)
 
@@ -240,21 +187,21 @@ def main(argv=None):
     resolve_defaults(args, data.img_size)
     log.print(f"{data.name}: {len(data.train)} training images at {data.img_size}px, kNN on {len(data.memory)} "
               f"labelled / {len(data.test)} test images, {data.num_classes} classes; device {device} "
-              f"({autocast.dtype or torch.float32}, {fmt}), {world} process(es); jitter {args.jitter_strength}, warm-up "
-              f"{args.warmup_epochs:g} epochs; run folder {out}")
+              f"({autocast.dtype or torch.float32}, {memory_format}), {world} process(es); jitter "
+              f"{args.jitter_strength}, warm-up {args.warmup_epochs:g} epochs; run folder {out}")
 
     # --- model, optimizer, schedule ---
     bb_kwargs = common.backbone_kwargs(args, data.img_size)
     model = SimCLR(common.build_backbone(args.backbone, **bb_kwargs), args.proj_hidden, args.proj_dim)
     if world > 1:
         model = common.convert_sync_batchnorm(model, device)
-    model = model.to(device, memory_format=fmt)
-    lr = (args.lr or {"lars": 1.0, "sgd": 0.3, "adamw": 1e-3}[args.optimizer]) * args.batch_size / 256
-    optimizer = make_optimizer(args.optimizer, param_groups(model, args.weight_decay), lr)
+    model = model.to(device, memory_format=memory_format)
+    lr = common.scaled_lr(args.lr, args.batch_size, BASE_LR, args.optimizer)
+    optimizer = common.make_optimizer(args.optimizer, common.param_groups(model, args.weight_decay), lr)
     total_steps, warmup_steps = args.epochs * steps_per_epoch, int(args.warmup_epochs * steps_per_epoch)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, total_steps, warmup_steps))
     start_epoch = common.restore(ckpt, rank, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
-    train_model = common.compile_model(model, fmt) if args.compile else model
+    train_model = common.compile_model(model, memory_format) if args.compile else model
     if world > 1:
         train_model = nn.parallel.DistributedDataParallel(
             train_model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -268,8 +215,8 @@ def main(argv=None):
         for step, (x, _) in enumerate(loader):
             x = x.to(device, non_blocking=True)
             with torch.no_grad():  # two independent views of every image, augmented on the device
-                v1, v2 = (simclr_augment(x, data.img_size, args.jitter_strength, args.crop_min_scale).contiguous(memory_format=fmt)
-                          for _ in range(2))
+                v1, v2 = (simclr_augment(x, data.img_size, args.jitter_strength, args.crop_min_scale)
+                          .contiguous(memory_format=memory_format) for _ in range(2))
             loss, acc = train_step(train_model, v1, v2, optimizer, scheduler, scaler, autocast, args.temperature, world)
             sums["loss"] += loss
             sums["acc"] += acc
@@ -280,9 +227,9 @@ def main(argv=None):
         metrics = {"epoch": epoch + 1, "loss": sums["loss"] / steps_per_epoch,
                    "contrastive_acc": sums["acc"] / steps_per_epoch, "lr": scheduler.get_last_lr()[0],
                    "img_per_s": steps_per_epoch * args.batch_size / (time.time() - t_epoch)}
-        if rank == 0 and ((epoch + 1) % args.knn_every == 0 or epoch + 1 == args.epochs):
-            knn_top1 = metrics["knn_top1"] = knn_monitor(model.encoder, data, device, args.knn_k, args.knn_temperature,
-                                                         autocast, args.workers)
+        if rank == 0 and common.knn_epoch(epoch, args):
+            knn_top1 = metrics["knn_top1"] = common.knn_monitor(model.encoder, data, device, args.knn_k,
+                                                                args.knn_temperature, autocast, args.workers)
         log.epoch(**metrics)
         common.save_training_checkpoint(
             os.path.join(out, "last.pt"), rank, world, method=METHOD, args=vars(args), epoch=epoch + 1,

@@ -1,5 +1,6 @@
 """Figures of a learned representation, from the checkpoint of any script of this project (or a random-init copy
-of its network, for comparison). Each sub-command writes one PNG into --out.
+of its network, for comparison), and of what a method's run saved. Each sub-command writes one PNG into --out (a
+folder, or the .png file itself).
 
     filters     the first conv layer's filters (DeepCluster, Fig. 3): colour for RGB input, gray per channel
                 for the Sobel input layer
@@ -14,6 +15,11 @@ of its network, for comparison). Each sub-command writes one PNG into --out.
     fewshot     test top-1 against labels per class from knn_eval.py's few-shot JSON, several encoders
     embedding   a 2-D PCA projection of the test-set features, coloured by class
     attention   ViT only: the last block's [CLS]-to-patch attention of each head over a few images (DINO, Fig. 3)
+    cpc-grid             CPC's grid of patches on one image, a context's rows and its prediction targets (no run)
+    deepcluster-nmi      NMI of consecutive clusterings and of clusters and labels per epoch (DeepCluster, Fig. 2),
+                         from a deepcluster.py run's metrics.jsonl
+    rotnet-per-class     held-out rotation accuracy per class, from a rotnet.py run's summary.json
+    imagenet-mnist-bars  the kNN errors of each setting, from an imagenet_mnist.py run's table.json
 
 A layer of `--layer` is a numbered stage of the encoder, each seen after its ReLU: AlexNet conv1 ... conv5;
 ResNet 1 = the stem (conv1 + BN + ReLU), 2 ... 5 = layer1 ... layer4. A filter's activation on an image is its
@@ -26,6 +32,8 @@ ReLU output averaged over space.
     python visualize.py augment --data shapes --method simclr --device cpu --out figs  # no checkpoint: seconds on a CPU
     python visualize.py filters --ckpt runs/simclr-cifar10/last.pt --random-init       # same network, untrained
     python visualize.py attention --ckpt runs/dino-cifar10/last.pt --n 4               # a vit_tiny checkpoint
+    python visualize.py cpc-grid --data data/cifar10 --out docs/cpc/grid.png           # the first test image
+    python visualize.py deepcluster-nmi --run runs/deepcluster-cifar10 --out runs/deepcluster-cifar10/nmi.png
 
 docs/visualize.md shows each figure with the command that made it.
 """
@@ -45,8 +53,10 @@ from torchvision.transforms.functional import gaussian_blur
 
 import byol
 import common
+import cpc
 import deepcluster
 import dino
+import imagenet_mnist
 import moco
 import rotnet
 import simclr
@@ -62,7 +72,7 @@ def get_args(argv=None):
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     out = argparse.ArgumentParser(add_help=False)  # flags every sub-command has
-    out.add_argument("--out", default="figures", help="folder the PNG is written to")
+    out.add_argument("--out", default="figures", help="folder the PNG is written to, or the .png file itself")
 
     run = argparse.ArgumentParser(add_help=False)  # sub-commands that compute something
     run.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="auto: cuda, mps, cpu")
@@ -131,6 +141,22 @@ def get_args(argv=None):
     s = sub.add_parser("attention", parents=[out, run, model, data],
                        help="ViT only: the last block's [CLS]-to-patch attention of each head over the image")
     s.add_argument("--n", type=int, default=4, help="number of images (a seeded random subset of the split)")
+
+    s = sub.add_parser("cpc-grid", parents=[out, data],
+                       help="CPC's grid of patches on the first image of the split and a context's targets")
+    s.add_argument("--img-size", type=int, default=None, help="image size (default: the dataset's)")
+    s.add_argument("--patch-size", type=int, default=None, help="side of a patch in px (default: cpc.py's)")
+    s.add_argument("--patch-stride", type=int, default=None, help="step between patches in px (default: cpc.py's)")
+    s.add_argument("--pred-steps", type=int, default=5, help="K: the targets k = 1..K rows below the context")
+
+    run_files = argparse.ArgumentParser(add_help=False)  # sub-commands that draw what a run saved
+    run_files.add_argument("--run", required=True, help="the run folder (or the file it wrote)")
+    sub.add_parser("deepcluster-nmi", parents=[out, run_files], help="NMI per epoch of a deepcluster.py run "
+                   "(metrics.jsonl)")
+    sub.add_parser("rotnet-per-class", parents=[out, run_files], help="held-out rotation accuracy per class of a "
+                   "rotnet.py run (summary.json)")
+    sub.add_parser("imagenet-mnist-bars", parents=[out, run_files], help="kNN errors per setting of an "
+                   "imagenet_mnist.py run (table.json)")
     return p, p.parse_args(argv)
 
 
@@ -391,8 +417,9 @@ def figure(w, h):
 
 
 def save(plt, fig, out, name):
-    os.makedirs(out, exist_ok=True)
-    path = os.path.join(out, name)
+    """Write the figure to out/name, or to `out` itself where it names a .png file."""
+    path = out if out.endswith(".png") else os.path.join(out, name)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=DPI)
     plt.close(fig)
     print(f"wrote {path}")
@@ -609,13 +636,17 @@ def cmd_curves(args, device):
     return save(plt, fig, args.out, "curves.png")
 
 
+def read_json(path, what):
+    try:
+        return json.load(open(path))
+    except (OSError, ValueError) as e:
+        fail(f"cannot read {what} {path}: {type(e).__name__}")
+
+
 def read_fewshot(path):
     """({labels per class: [top-1, ...]}, name) from knn_eval.py's JSON: its "rows" with a "labels_per_class"
     (the few-shot probes; several rows of one size, e.g. several seeds, are averaged), the encoder's name."""
-    try:
-        obj = json.load(open(path))
-    except (OSError, ValueError) as e:
-        fail(f"cannot read few-shot JSON {path}: {type(e).__name__}")
+    obj = read_json(path, "few-shot JSON")
     rows = obj.get("rows") if isinstance(obj, dict) else None
     points = {}
     for r in rows if isinstance(rows, list) else []:
@@ -707,14 +738,129 @@ def cmd_attention(args, device):
     return save(plt, fig, args.out, "attention.png")
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Figures of a method: what its run saved, or (cpc-grid) its input
+# ----------------------------------------------------------------------------------------------------------------
+def cmd_cpc_grid(args, device, row=1, col=3):
+    """docs/cpc.md's figure: the first image of the split with its grid of patches, and the grid drawn apart with
+    the context c_{row,col}'s receptive field (rows <= row) and its targets z_{row+k,col}, k = 1..K."""
+    from matplotlib.patches import Rectangle
+    image = load_images(args, None, args.img_size)[0][0]  # uint8 (3, S, S)
+    size = image.shape[-1]
+    patch, stride = cpc.patch_defaults(size, args.patch_size, args.patch_stride)
+    G = cpc.check_grid(size, patch, stride, args.pred_steps)
+    patches = common.patch_grid(image[None], patch, stride)[0]  # (G, G, 3, P, P)
+    plt, fig = figure(10, 5)
+    a1, a2 = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1, 1.15]})
+    a1.imshow(image.permute(1, 2, 0).numpy(), interpolation="nearest")
+    for j, color in [(col, "tab:red"), (col + 1, "tab:orange")]:  # two overlapping columns of patches
+        if j < G:
+            for i in range(G):
+                a1.add_patch(Rectangle((j * stride - 0.5, i * stride - 0.5), patch, patch, fill=False, lw=1.2,
+                                       ec=color, alpha=0.9))
+    a1.set_title(f"{size}px image, {patch}px patches, stride {stride}: a {G}x{G} grid\n"
+                 f"(columns {col}, {col + 1} outlined: neighbours share half their pixels)", fontsize=9)
+    a1.axis("off")
+    gap = patch // 4 + 1
+    step = patch + gap
+    canvas = torch.full((G * step, G * step, 3), 255, dtype=torch.uint8)
+    for i in range(G):
+        for j in range(G):
+            canvas[i * step:i * step + patch, j * step:j * step + patch] = patches[i, j].permute(1, 2, 0)
+    a2.imshow(canvas.numpy(), interpolation="nearest")
+    for i in range(row + 1):  # the rows c_{row,col} may see (the masked convolutions' causal rows)
+        for j in range(G):
+            a2.add_patch(Rectangle((j * step - 1, i * step - 1), patch + 1, patch + 1, fill=True, fc="tab:blue",
+                                   alpha=0.25, ec="none"))
+    a2.add_patch(Rectangle((col * step - 1, row * step - 1), patch + 1, patch + 1, fill=False, ec="tab:blue", lw=2.5))
+    a2.text(col * step + patch / 2, row * step - 2, "c", color="tab:blue", ha="center", va="bottom", fontsize=10,
+            weight="bold")
+    for k in range(1, min(args.pred_steps, G - 1 - row) + 1):
+        a2.add_patch(Rectangle((col * step - 1, (row + k) * step - 1), patch + 1, patch + 1, fill=False,
+                               ec="tab:red", lw=2))
+        a2.text(col * step + patch + 1, (row + k) * step + patch / 2, f"k={k}", color="tab:red", va="center",
+                fontsize=8, bbox={"fc": "white", "ec": "none", "pad": 0.5})
+    a2.set_title(f"the grid apart: context c at ({row}, {col}) sees the shaded rows <= {row};\nW_k c must pick the "
+                 f"red patch k rows below among all patches of the batch", fontsize=9)
+    a2.axis("off")
+    fig.tight_layout()
+    return save(plt, fig, args.out, "cpc-grid.png")
+
+
+def cmd_deepcluster_nmi(args, device):
+    """The paper's Fig. 2: NMI between consecutive clusterings, and NMI of the clusters with the true labels."""
+    rows = read_metrics(args.run)
+    plt, fig = figure(4.5, 3)
+    ax = fig.add_subplot(1, 1, 1)
+    curves = [(key, label, [(r["epoch"], r[key]) for r in rows if isinstance(r.get(key), (int, float))])
+              for key, label in [("nmi_prev", "NMI(t-1, t)"), ("nmi_labels", "NMI(clusters, labels)")]]
+    if not any(pts for _, _, pts in curves):
+        fail(f"{args.run} has no NMI values (nmi_prev, nmi_labels: a deepcluster.py run's metrics)")
+    for _, label, pts in curves:
+        if pts:
+            ax.plot(*zip(*pts), marker="o", ms=3, label=label)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("NMI")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    return save(plt, fig, args.out, "deepcluster-nmi.png")
+
+
+def read_run_json(run, name):
+    """A run's JSON file: `run` is the file itself or the run folder that holds `name`."""
+    return read_json(run if run.endswith(".json") else os.path.join(run, name), "run file")
+
+
+def cmd_rotnet_per_class(args, device):
+    """Bar chart of the held-out rotation accuracy per class (the last kNN-monitor epoch's), with chance (25%)."""
+    per_class = read_run_json(args.run, "summary.json").get("test_rotation_acc_per_class")
+    if not isinstance(per_class, dict) or not per_class:
+        fail(f"{args.run} has no test_rotation_acc_per_class (a rotnet.py run's summary.json has it)")
+    names = list(per_class)
+    plt, fig = figure(min(20.0, max(4.0, 0.45 * len(names))), 3)
+    ax = fig.add_subplot(1, 1, 1)
+    ax.bar(range(len(names)), [100 * per_class[c] for c in names])
+    ax.axhline(25, color="gray", ls="--", label="chance (25%)")
+    ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
+    ax.set_ylabel("test rotation accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    return save(plt, fig, args.out, "rotnet-per-class.png")
+
+
+def cmd_imagenet_mnist_bars(args, device):
+    """The digit and background kNN errors of each setting (and random init) of imagenet_mnist.py's table.json."""
+    table = read_run_json(args.run, "table.json")
+    order = [s for s in imagenet_mnist.SETTINGS + ["random"] if isinstance(table, dict) and s in table]
+    if not order:
+        fail(f"{args.run} has no settings (an imagenet_mnist.py run's table.json has them)")
+    plt, fig = figure(6, 3.2)
+    ax = fig.add_subplot(1, 1, 1)
+    w = 0.8 / len(order)
+    for i, s in enumerate(order):
+        ax.bar([j + (i - (len(order) - 1) / 2) * w for j in range(2)],
+               [table[s]["digit_error"], table[s]["background_error"]], w, label=imagenet_mnist.ROW_NAMES[s])
+    ax.set_xticks([0, 1], ["digit class", "background class"])
+    ax.set_ylabel("kNN error (%)")
+    ax.set_title("shared between the two views")
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    return save(plt, fig, args.out, "imagenet-mnist-bars.png")
+
+
 COMMANDS = {"filters": cmd_filters, "top-images": cmd_top_images, "maximize": cmd_maximize, "views": cmd_views,
             "augment": cmd_augment, "curves": cmd_curves, "fewshot": cmd_fewshot, "embedding": cmd_embedding,
-            "attention": cmd_attention}
+            "attention": cmd_attention, "cpc-grid": cmd_cpc_grid, "deepcluster-nmi": cmd_deepcluster_nmi,
+            "rotnet-per-class": cmd_rotnet_per_class, "imagenet-mnist-bars": cmd_imagenet_mnist_bars}
 
 
 def main(argv=None):
     _, args = get_args(argv)
-    if args.command in ("curves", "fewshot"):  # they only read files and draw
+    if not hasattr(args, "device"):  # they only read files and draw
         return COMMANDS[args.command](args, None)
     if getattr(args, "batch_size", 1) < 1:
         fail(f"--batch-size must be at least 1, got {args.batch_size}")

@@ -121,7 +121,7 @@ def test_train_step_updates_online_then_target_and_tau_0_keeps_them_equal():
     torch.manual_seed(0)
     model = byol.BYOL(common.build_backbone("resnet18", width=2, small_stem=True), 16, 8)
     target = byol.make_target(model)
-    opt = byol.make_optimizer("sgd", byol.param_groups(model, 1e-4), 0.1)
+    opt = common.make_optimizer("sgd", common.param_groups(model, 1e-4), 0.1)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     autocast, scaler = common.setup_amp("off", torch.device("cpu"))
     v1, v2 = torch.randn(8, 3, 16, 16), torch.randn(8, 3, 16, 16)

@@ -306,7 +306,7 @@ def test_deepcluster_resume_continues_exactly(tmp_path):
     c1, c2 = (torch.load(os.path.join(d, "last.pt"), weights_only=False) for d in (d1, d2))
     assert torch.equal(c1["assignments"], c2["assignments"])
     assert all(torch.allclose(c1["model"][k].float(), c2["model"][k].float(), atol=1e-4) for k in c1["model"])
-    assert s["epochs"] == 2 and os.path.exists(os.path.join(d2, "nmi.png"))
+    assert s["epochs"] == 2
     # the checkpoint is a checkpoint of this project: load_encoder rebuilds the Sobel AlexNet
     enc, ckpt = common.load_encoder(os.path.join(d2, "last.pt"))
     assert isinstance(enc, common.AlexNet) and enc.sobel is not None and ckpt["k"] == 6

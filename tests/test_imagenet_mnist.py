@@ -196,7 +196,6 @@ def test_imagenet_mnist_end_to_end_all_settings_and_resume(tmp_path):
     md = open(os.path.join(out, "table.md")).read()
     assert md.count("\n") == 6 and "| digit, background |" in md and "| random init |" in md
     assert json.load(open(os.path.join(out, "table.json")))["digit"]["epochs"] == 1
-    assert os.path.getsize(os.path.join(out, "bars.png")) > 1000
     enc, ck = common.load_encoder(os.path.join(out, "digit", "last.pt"))  # checkpoints load as encoders
     assert ck["setting"] == "digit" and ck["epoch"] == 1 and ck["step"] == 2
     assert ck["args"]["jitter_strength"] == 0.5 and ck["args"]["warmup_epochs"] == 1  # resolved defaults are saved

@@ -30,7 +30,7 @@ def test_knn_predict_matches_brute_force():
     train, labels, test = torch.randn(300, 16, generator=gen), torch.randint(0, 5, (300,), generator=gen), torch.randn(
         40, 16, generator=gen)
     for k, t in [(1, 0.1), (10, 0.07), (200, 0.1), (500, 1.0)]:
-        got = knn_eval.knn_predict(train, labels, test, 5, k=k, temperature=t)
+        got = common.knn_predict(train, labels, test, 5, k=k, temperature=t)
         tn, qn = F.normalize(train, dim=1), F.normalize(test, dim=1)
         for i in range(40):
             sims = [(float(qn[i] @ tn[j]), j) for j in range(300)]
@@ -40,8 +40,8 @@ def test_knn_predict_matches_brute_force():
                 votes[labels[j]] += math.exp(s / t)
             assert got[i].item() == max(range(5), key=lambda c: votes[c]), (k, t, i)
     # chunking does not change the result
-    a = knn_eval.knn_scores(train, labels, test, 5, chunk=7)
-    assert torch.allclose(a, knn_eval.knn_scores(train, labels, test, 5, chunk=1000))
+    a = common.knn_scores(train, labels, test, 5, chunk=7)
+    assert torch.allclose(a, common.knn_scores(train, labels, test, 5, chunk=1000))
 
 
 def test_knn_eval_weighted_knn_top5_and_1nn_match_brute_force():
@@ -51,9 +51,9 @@ def test_knn_eval_weighted_knn_top5_and_1nn_match_brute_force():
     train, labels = torch.randn(200, 8, generator=gen), torch.randint(0, 7, (200,), generator=gen)
     test, test_y = train[:30] + 0.8 * torch.randn(30, 8, generator=gen), labels[:30]  # 1-NN right for some
     k, t = 100, 0.1  # every class gets votes (no ties at zero for the top-5)
-    sim, idx = knn_eval.knn_neighbours(train, test, k, chunk=7)  # chunked: same as one pass
-    scores = knn_eval.knn_votes(sim, idx, labels, 7, k, t)
-    assert torch.allclose(scores, knn_eval.knn_scores(train, labels, test, 7, k, t))
+    sim, idx = common.knn_neighbours(train, test, k, chunk=7)  # chunked: same as one pass
+    scores = common.knn_votes(sim, idx, labels, 7, k, t)
+    assert torch.allclose(scores, common.knn_scores(train, labels, test, 7, k, t))
     knn_row, nn1_row = knn_eval.eval_knn(train, labels, test, test_y, 7, _args("--k", "100", "--temperature", "0.1"))
     assert knn_eval.eval_knn(train, labels, test, test_y, 7, _args("--protocols", "1nn")) == [nn1_row]
     tn, qn = F.normalize(train, dim=1), F.normalize(test, dim=1)
@@ -155,9 +155,9 @@ def test_knn_eval_setup_follows_the_encoder_device():
     out = layers(torch.zeros(2, 3, 32, 32, device=meta))
     assert out.device == meta and out.shape == (2, sum(cpu_sizes))
     knn_eval.check_input_fits(net, 3, 32, "--data x")
-    assert knn_eval.light_augment(torch.rand(4, 3, 16, 16, device=meta), 16).device == meta
-    sim, idx = knn_eval.knn_neighbours(torch.randn(50, 8, device=meta), torch.randn(5, 8, device=meta), 10)
-    assert knn_eval.knn_votes(sim, idx, torch.randint(0, 3, (50,), device=meta), 3, 10, 0.1).device == meta
+    assert common.light_augment(torch.rand(4, 3, 16, 16, device=meta), 16).device == meta
+    sim, idx = common.knn_neighbours(torch.randn(50, 8, device=meta), torch.randn(5, 8, device=meta), 10)
+    assert common.knn_votes(sim, idx, torch.randint(0, 3, (50,), device=meta), 3, 10, 0.1).device == meta
 
 
 # ================================================================================================================
@@ -233,9 +233,9 @@ def test_knn_eval_alexnet_layers_mlp_and_supervised_baseline(tmp_path):
     assert len(ckpt["labelled_indices"]) == 100 and ckpt["method"] == "supervised"
     # light augmentation: a translated window of the reflect-padded image (a constant image stays constant)
     x = torch.rand(4, 3, 16, 16)
-    y = knn_eval.light_augment(x, 16)
-    assert y.shape == x.shape and torch.allclose(knn_eval.light_augment(torch.full_like(x, 0.3), 16), 0.3 + 0 * x)
-    assert not torch.equal(y, x) or not torch.equal(knn_eval.light_augment(x, 16), x)
+    y = common.light_augment(x, 16)
+    assert y.shape == x.shape and torch.allclose(common.light_augment(torch.full_like(x, 0.3), 16), 0.3 + 0 * x)
+    assert not torch.equal(y, x) or not torch.equal(common.light_augment(x, 16), x)
 
 
 class _Seen(Exception):

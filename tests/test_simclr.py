@@ -76,9 +76,9 @@ def test_nt_xent_perfect_pairs_low_loss_and_accuracy():
 def test_lars_excludes_bias_and_bn_and_adapts_weights():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
-    groups = simclr.param_groups(model, 0.1)
+    groups = common.param_groups(model, 0.1)
     assert [len(g["params"]) for g in groups] == [1, 3] and groups[1]["weight_decay"] == 0.0
-    opt = simclr.LARS(groups, lr=1.0, momentum=0.0)
+    opt = common.LARS(groups, lr=1.0, momentum=0.0)
     w0, b0 = model[0].weight.detach().clone(), model[0].bias.detach().clone()
     for p in model.parameters():
         p.grad = torch.ones_like(p) * 100
@@ -93,7 +93,7 @@ def test_lars_folds_the_learning_rate_into_momentum_as_the_reference():
     every step: PyTorch-style momentum (v <- m v + d, w <- w - lr_t v) gives other weights."""
     torch.manual_seed(0)
     w = torch.nn.Parameter(torch.randn(5, 4))
-    opt = simclr.LARS([{"params": [w], "weight_decay": 0.1}], lr=1.0, momentum=0.9)
+    opt = common.LARS([{"params": [w], "weight_decay": 0.1}], lr=1.0, momentum=0.9)
     ref, v = w.detach().clone(), torch.zeros(5, 4)
     for t, lr in enumerate([0.1, 0.4, 0.7, 1.0]):
         g = torch.randn(5, 4)
@@ -143,7 +143,7 @@ def test_train_step_encodes_both_views_as_one_batch_and_head_has_output_bn():
     head_bn = model.head[-1]
     assert isinstance(head_bn, torch.nn.BatchNorm1d) and not head_bn.bias.requires_grad
     assert all(m.bias is None for m in model.head if isinstance(m, torch.nn.Linear))
-    opt = simclr.make_optimizer("sgd", simclr.param_groups(model, 1e-4), 0.1)
+    opt = common.make_optimizer("sgd", common.param_groups(model, 1e-4), 0.1)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     autocast, scaler = common.setup_amp("off", torch.device("cpu"))
     v1, v2 = torch.randn(8, 3, 16, 16), torch.randn(8, 3, 16, 16)

@@ -304,3 +304,80 @@ def test_visualize_bad_input_errors(tmp_path):
                    env={"OMP_NUM_THREADS": "1"})
     assert r.returncode == 1, r.stderr
     assert r.stderr.strip() == "error: --layer 9 is out of range: this ResNet has layers 1..5", r.stderr
+
+
+def test_visualize_method_figures_write_pngs(tmp_path):
+    """cpc-grid (the first test image of --data), deepcluster-nmi, rotnet-per-class and imagenet-mnist-bars (what a
+    run saved): each writes its PNG into --out, a folder or the .png file itself."""
+    d = str(tmp_path)
+    grid = visualize.main(["cpc-grid", "--data", "shapes", "--shapes-n", "8", "8", "--out", d])
+    assert grid == os.path.join(d, "cpc-grid.png") and os.path.getsize(grid) > 10_000
+    _check_png(grid, (1000, 500))
+    path = os.path.join(d, "sub", "grid.png")  # a .png --out is the file; its folder is made
+    assert visualize.main(["cpc-grid", "--data", "shapes", "--shapes-n", "8", "8", "--patch-size", "16",
+                           "--pred-steps", "2", "--out", path]) == path
+    _check_png(path, (1000, 500))
+    with open(os.path.join(d, "metrics.jsonl"), "w") as f:
+        f.writelines(json.dumps({"epoch": e, "loss": 1.0, "nmi_prev": None if e == 1 else 0.5 + 0.1 * e,
+                                 "nmi_labels": 0.2 * e}) + "\n" for e in range(1, 4))
+    _check_png(visualize.main(["deepcluster-nmi", "--run", d, "--out", d]), (450, 300))
+    json.dump({"method": "rotnet", "test_rotation_acc_per_class": {c: i / 10 for i, c in enumerate(common.SHAPES)}},
+              open(os.path.join(d, "summary.json"), "w"))
+    _check_png(visualize.main(["rotnet-per-class", "--run", d, "--out", d]), (450, 300))
+    json.dump({s: {"digit_error": 10.0 + i, "background_error": 50.0 - 10 * i} for i, s in
+               enumerate(["digit", "background", "both", "random"])}, open(os.path.join(d, "table.json"), "w"))
+    _check_png(visualize.main(["imagenet-mnist-bars", "--run", os.path.join(d, "table.json"), "--out", d]),
+               (600, 320))
+    assert sorted(f for f in os.listdir(d) if f.endswith(".png")) == [
+        "cpc-grid.png", "deepcluster-nmi.png", "imagenet-mnist-bars.png", "rotnet-per-class.png"]
+
+
+def test_visualize_draws_what_the_runs_print(tmp_path):
+    """deepcluster.py, rotnet.py and imagenet_mnist.py end by printing the visualize.py command of their figure;
+    that command, run as printed, draws it from the run folder."""
+    from test_imagenet_mnist import write_fake_mnist
+    import imagenet_mnist
+    d = str(tmp_path)
+    write_fake_mnist(os.path.join(d, "mnist"), 60, 30)
+    tiny = ["--data", "shapes", "--shapes-n", "64", "32", "--width", "4", "--epochs", "2", "--device", "cpu",
+            "--log-every", "1000"]
+    runs = [(deepcluster.main, tiny + ["--batch-size", "16", "--k", "4", "--pca-dim", "8"], "nmi.png"),
+            (rotnet.main, tiny + ["--batch-size", "16"], "rotation_per_class.png"),
+            (imagenet_mnist.main, ["--backgrounds", "shapes", "--shapes-n", "64", "32", "--img-size", "16",
+                                   "--width", "4", "--epochs", "1", "--batch-size", "32", "--knn-k", "20",
+                                   "--shared", "digit", "--mnist-dir", os.path.join(d, "mnist"), "--device", "cpu",
+                                   "--log-every", "1000"], "bars.png")]
+    for i, (main, argv, png) in enumerate(runs):
+        out = os.path.join(d, f"run{i}")
+        with contextlib.redirect_stdout(io.StringIO()) as printed:
+            main(argv + ["--out", out])
+        lines = [x for x in printed.getvalue().splitlines() if x.startswith("figure: python visualize.py ")]
+        assert len(lines) == 1 and not os.path.exists(os.path.join(out, png)), (printed.getvalue()[-500:], lines)
+        assert visualize.main(lines[0].split()[3:]) == os.path.join(out, png)
+        _check_png(os.path.join(out, png), Image.open(os.path.join(out, png)).size)
+
+
+def test_visualize_method_figures_bad_input(tmp_path):
+    d = str(tmp_path)
+    json.dump({"rows": []}, open(os.path.join(d, "other.json"), "w"))
+    with open(os.path.join(d, "metrics.jsonl"), "w") as f:
+        f.write(json.dumps({"epoch": 1, "loss": 1.0}) + "\n")
+    shapes = ["cpc-grid", "--data", "shapes", "--shapes-n", "8", "8"]
+    cases = [  # (command line, words the one-line error must contain)
+        (shapes + ["--patch-size", "5"], ["--patch-size 5 with --patch-stride 2 does not fit the 32px image"]),
+        (shapes + ["--pred-steps", "7"], ["--pred-steps 7 is too large for the 7x7 grid"]),
+        (["deepcluster-nmi", "--run", os.path.join(d, "missing")], ["no metrics.jsonl"]),
+        (["deepcluster-nmi", "--run", d], ["has no NMI values"]),
+        (["rotnet-per-class", "--run", os.path.join(d, "missing")], ["cannot read run file", "summary.json"]),
+        (["rotnet-per-class", "--run", os.path.join(d, "other.json")], ["has no test_rotation_acc_per_class"]),
+        (["imagenet-mnist-bars", "--run", d], ["cannot read run file", "table.json"]),
+        (["imagenet-mnist-bars", "--run", os.path.join(d, "other.json")], ["has no settings"]),
+    ]
+    for argv, words in cases:
+        expect_exit(lambda: visualize.main(argv + ["--out", d]), *words)
+    for argv in [["deepcluster-nmi", "--run", d, "--device", "cpu"], ["rotnet-per-class", "--run", d, "--seed", "1"],
+                 ["imagenet-mnist-bars", "--run", d, "--n", "2"], shapes + ["--ckpt", "x.pt"]]:
+        _argparse_rejects(argv + ["--out", d])
+    r = run_script("visualize.py", "deepcluster-nmi", "--run", d, "--out", d, env={"OMP_NUM_THREADS": "1"})
+    assert r.returncode == 1 and r.stderr.strip() == (
+        f"error: {d} has no NMI values (nmi_prev, nmi_labels: a deepcluster.py run's metrics)"), r.stderr
