@@ -53,8 +53,8 @@ def fail(message):
 # ----------------------------------------------------------------------------------------------------------------
 def add_common_args(parser, backbone="resnet18", training=True, sobel=True):
     """The flags every script has (data, model, device, run folder). Method flags stay in each file.
-    training=False (evaluation scripts) leaves out --compile and --resume. sobel: whether an AlexNet gets the fixed
-    Sobel input layer by default (DeepCluster's; --no-sobel for RGB) or not (sobel=False: RGB, --sobel adds it)."""
+    training=False (evaluation scripts) leaves out --compile and --resume. sobel: the --sobel default, whether an
+    AlexNet gets DeepCluster's fixed Sobel input layer (True) or sees RGB (False) unless told otherwise."""
     group = parser.add_argument_group("data, model, device and run (shared by every script)")
     group.add_argument("--data", default="shapes", help=f"dataset: one of {', '.join(DATASETS)}, or a folder path "
                    "(class sub-folders, either directly or under train/ and val/ or test/)")
@@ -66,11 +66,8 @@ def add_common_args(parser, backbone="resnet18", training=True, sobel=True):
                    help="number of training and test images of the synthetic `shapes` dataset")
     group.add_argument("--backbone", default=backbone, choices=list(BACKBONES), help="encoder architecture")
     group.add_argument("--width", type=int, default=64, help="base width of ResNet/AlexNet (64 = the standard network; 16 or 32 for CPU; ignored by vit_tiny)")
-    group.add_argument("--no-sobel", action="store_true", default=not sobel,
-                       help="AlexNet only: no fixed Sobel input layer (RGB input)")
-    if not sobel:
-        group.add_argument("--sobel", dest="no_sobel", action="store_false",
-                           help="AlexNet only: a fixed Sobel input layer (DeepCluster's) instead of RGB input")
+    group.add_argument("--sobel", action=argparse.BooleanOptionalAction, default=sobel,
+                       help="AlexNet only: a fixed Sobel input layer (DeepCluster's); --no-sobel: RGB input")
     group.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
                    help="DataLoader worker processes for large images and decoding (default: min(4, CPU count))")
     group.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="auto: cuda, mps, cpu")
@@ -882,7 +879,7 @@ BACKBONES = {"resnet18": 18, "resnet34": 34, "resnet50": 50, "alexnet": None, "v
 def backbone_kwargs(args, img_size):
     """The keyword arguments that rebuild this run's encoder (stored in every checkpoint)."""
     if args.backbone == "alexnet":
-        return {"width": args.width, "sobel": not args.no_sobel, "small": img_size <= 64}
+        return {"width": args.width, "sobel": args.sobel, "small": img_size <= 64}
     if args.backbone == "vit_tiny":
         return {"img_size": img_size, "patch_size": vit_patch_size(img_size)}
     return {"width": args.width, "small_stem": img_size <= 64}
@@ -1000,6 +997,8 @@ def given_flags(parser, argv=None):
 def merge_resume_args(parser, argv, args, saved):
     """On --resume: the checkpoint's flags, except those given again on this command line (e.g. more --epochs)."""
     given = given_flags(parser, argv) - {"resume"}
+    if "no_sobel" in saved:  # older checkpoints kept args.no_sobel; --sobel / --no-sobel now set args.sobel
+        saved = {**{k: v for k, v in saved.items() if k != "no_sobel"}, "sobel": not saved["no_sobel"]}
     merged = dict(saved, **{k: getattr(args, k) for k in given}, resume=args.resume)
     for k, v in vars(args).items():  # flags added since the checkpoint was written keep their defaults
         merged.setdefault(k, v)

@@ -35,7 +35,8 @@ def add_cpc_args(p):
     """CPC's method flags."""
     p.add_argument("--optimizer", default="adamw", choices=list(BASE_LR), help="optimizer")
     p.add_argument("--lr", type=float, default=None,
-                   help=f"base learning rate per 256 images, scaled by batch-size/256 (default: {BASE_LR})")
+                   help=f"base learning rate per 256 images, scaled by batch-size/256 (default: by --optimizer, "
+                        f"{BASE_LR})")
     p.add_argument("--weight-decay", type=float, default=1e-4, help="weight decay (not on biases and BatchNorm)")
     p.add_argument("--warmup-epochs", type=float, default=None,
                    help="linear warm-up epochs, then cosine decay (default: 10, at most 10%% of --epochs)")

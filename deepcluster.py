@@ -60,6 +60,14 @@ def get_args(argv=None):
     return p, p.parse_args(argv)
 
 
+def resolve_defaults(args, num_classes, n_train):
+    """Defaults that depend on the data, written into args (so the checkpoint keeps them)."""
+    if args.k is None:  # 10 x the number of classes
+        args.k = 10 * num_classes
+    if args.samples_per_epoch is None:  # the whole training set
+        args.samples_per_epoch = n_train
+
+
 def check_args(args):
     """The flags alone (before any data is loaded)."""
     if args.epochs < 1 or args.batch_size < 2:
@@ -77,10 +85,10 @@ def check_args(args):
         fail(f"--samples-per-epoch {args.samples_per_epoch} is smaller than --batch-size {args.batch_size}")
 
 
-def check_data_args(args, n_train, k):
-    """The flags against the training set of n_train images, to be cut into k clusters."""
-    if not 2 <= k <= n_train:
-        fail(f"--k must be between 2 and the number of training images ({n_train}), got {k}")
+def check_data_args(args, n_train):
+    """The flags against the training set of n_train images, to be cut into --k clusters."""
+    if not 2 <= args.k <= n_train:
+        fail(f"--k must be between 2 and the number of training images ({n_train}), got {args.k}")
     if args.batch_size > n_train:
         fail(f"batch size {args.batch_size} is larger than the dataset ({n_train} images)")
 
@@ -358,17 +366,17 @@ def main(argv=None):
     # --- data ---
     data = common.dataset_from_args(args, log=log.print)
     data.train = training_subset(data.train, args.train_subset)
-    k = args.k if args.k is not None else 10 * data.num_classes
-    check_data_args(args, len(data.train), k)
-    steps_per_epoch = (args.samples_per_epoch or len(data.train)) // args.batch_size  # full batches
+    resolve_defaults(args, data.num_classes, len(data.train))
+    check_data_args(args, len(data.train))
+    steps_per_epoch = args.samples_per_epoch // args.batch_size  # full batches
     has_labels = bool((data.train.labels >= 0).all())
-    log.print(f"{data.name}: {len(data.train)} training images at {data.img_size}px, k-means into {k} clusters, kNN "
-              f"on {len(data.memory)} labelled / {len(data.test)} test images, {data.num_classes} classes; device "
+    log.print(f"{data.name}: {len(data.train)} training images at {data.img_size}px, k-means into {args.k} clusters, "
+              f"kNN on {len(data.memory)} labelled / {len(data.test)} test images, {data.num_classes} classes; device "
               f"{device} ({autocast.dtype or torch.float32}, {memory_format}), {world} process(es); run folder {out}")
 
     # --- model, optimizer ---
     bb_kwargs = common.backbone_kwargs(args, data.img_size)
-    model = DeepCluster(common.build_backbone(args.backbone, **bb_kwargs), k)
+    model = DeepCluster(common.build_backbone(args.backbone, **bb_kwargs), args.k)
     if world > 1:
         model = common.convert_sync_batchnorm(model, device)
     model = model.to(device, memory_format=memory_format)
@@ -387,9 +395,10 @@ def main(argv=None):
     for epoch in range(start_epoch, args.epochs):
         # 1. cluster, with this epoch's seed (the same on every rank); a new top layer for the new pseudo-classes
         t_epoch, seed = time.time(), args.seed * 100_003 + epoch
-        assign, order, cluster_loss = cluster_step(model.encoder, data.train, k, steps_per_epoch * args.batch_size,
-                                                   seed, args, device, autocast, rank, world, log.print)
-        sizes = torch.bincount(assign, minlength=k)
+        assign, order, cluster_loss = cluster_step(model.encoder, data.train, args.k,
+                                                   steps_per_epoch * args.batch_size, seed, args, device, autocast,
+                                                   rank, world, log.print)
+        sizes = torch.bincount(assign, minlength=args.k)
         log.print(f"epoch {epoch + 1}: k-means loss {cluster_loss:.4f}, cluster sizes {sizes.min()}..{sizes.max()} "
                   f"({time.time() - t_epoch:.0f}s for features + clustering)")
         model.reset_top_layer(torch.Generator().manual_seed(seed))
@@ -429,13 +438,13 @@ def main(argv=None):
             os.path.join(out, "last.pt"), rank, world, method=METHOD, args=vars(args), epoch=epoch + 1,
             step=(epoch + 1) * steps_per_epoch, backbone={"name": args.backbone, "kwargs": bb_kwargs},
             encoder=model.encoder, model=model, optimizer=optimizer, scaler=scaler, img_size=data.img_size,
-            data=args.data, metrics=metrics, assignments=assign, k=k)
+            data=args.data, metrics=metrics, assignments=assign, k=args.k)
 
     # --- summary ---
     wall = time.time() - t_start
     log.print(f"figure: python visualize.py deepcluster-nmi --run {out} --out {os.path.join(out, 'nmi.png')}")
     return common.finish(out, rank, world, log, {
-        "method": METHOD, "data": args.data, "epochs": args.epochs, "k": k, "knn_top1": knn_top1,
+        "method": METHOD, "data": args.data, "epochs": args.epochs, "k": args.k, "knn_top1": knn_top1,
         "nmi_prev": metrics.get("nmi_prev"), "nmi_labels": metrics.get("nmi_labels"),
         "img_per_s": log.images / wall if log.images else None, "wall_time_s": wall, "device": str(device),
         "precision": str(autocast.dtype or torch.float32), "world_size": world, "seed": args.seed,

@@ -117,7 +117,7 @@ def check_flags_act(args, given, backbone):
                         (args.supervised, "--supervised")),
         **dict.fromkeys(["backbone", "width"],
                         (builds, "--random-init or --supervised (a checkpoint names its own encoder)")),
-        "no_sobel": (builds and args.backbone == "alexnet", "an AlexNet of --random-init or --supervised"),
+        "sobel": (builds and args.backbone == "alexnet", "an AlexNet of --random-init or --supervised"),
         **dict.fromkeys(["amp", "channels_last"], (not args.pixels, "an encoder (not --pixels)")),
         "shapes_n": (args.data == "shapes", "--data shapes"),
         "imagenette_size": (args.data == "imagenette", "--data imagenette"),
@@ -125,7 +125,8 @@ def check_flags_act(args, given, backbone):
     }
     for dest, (acts_here, where) in acts.items():
         if dest in given and not acts_here:
-            fail(f"--{dest.replace('_', '-')} does nothing in this run: it acts only with {where}")
+            flag = "--sobel/--no-sobel" if dest == "sobel" else f"--{dest.replace('_', '-')}"
+            fail(f"{flag} does nothing in this run: it acts only with {where}")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -38,7 +38,8 @@ def add_moco_args(p):
     """MoCo's method flags. "small / large": the default for images below 96 px / from 96 px."""
     p.add_argument("--optimizer", default="sgd", choices=list(BASE_LR), help="optimizer (SGD: momentum 0.9)")
     p.add_argument("--lr", type=float, default=None,
-                   help=f"base learning rate per 256 images, scaled by batch-size/256 (default: {BASE_LR})")
+                   help=f"base learning rate per 256 images, scaled by batch-size/256 (default: by --optimizer, "
+                        f"{BASE_LR})")
     p.add_argument("--weight-decay", type=float, default=None,
                    help="weight decay on every parameter (default: 5e-4 small / 1e-4 large)")
     p.add_argument("--warmup-epochs", type=float, default=0.0, help="linear warm-up epochs, then cosine decay")

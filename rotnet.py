@@ -43,7 +43,7 @@ def get_args(argv=None):
                    help="step schedule: fractions of --epochs after which the lr drops")
     p.add_argument("--lr-decay", type=float, default=0.2, help="step schedule: lr factor at each milestone")
     common.add_knn_args(p)
-    common.add_common_args(p, backbone="alexnet", sobel=False)  # the paper's AlexNet sees RGB; --sobel: Sobel edges
+    common.add_common_args(p, backbone="alexnet", sobel=False)  # the paper's AlexNet sees RGB (--sobel: edges)
     return p, p.parse_args(argv)
 
 
