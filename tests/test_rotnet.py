@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from util import HERE, expect_exit, free_port, random_init_knn, run_script
 import common
+import deepcluster
 import rotnet
 
 
@@ -145,3 +146,20 @@ def test_rotnet_learns_on_shapes(tmp_path):
     assert pc["crescent"] >= 0.8 and pc["arrow"] >= 0.8, pc
     assert max(pc[c] for c in ("circle", "ring", "square", "cross")) <= 0.4 and pc["bar"] <= 0.6, pc
     assert s["knn_top1"] > base + 15, (s["knn_top1"], base)
+
+
+def test_rotnet_sobel_flag_and_checkpoints_of_no_sobel():
+    """--sobel / --no-sobel set args.sobel: RGB by default in rotnet.py, the Sobel layer in deepcluster.py. A
+    checkpoint written when the flag was stored as args.no_sobel resumes with the same input layer."""
+    assert [rotnet.get_args(a)[1].sobel for a in ([], ["--sobel"], ["--no-sobel"], ["--sobel", "--no-sobel"])] == [
+        False, True, False, False]
+    assert deepcluster.get_args([])[1].sobel and not deepcluster.get_args(["--no-sobel"])[1].sobel
+    argv = ["--resume", "last.pt", "--epochs", "3"]
+    parser, args = rotnet.get_args(argv)
+    for no_sobel in (True, False):
+        saved = {**{k: v for k, v in vars(args).items() if k != "sobel"}, "no_sobel": no_sobel, "epochs": 2}
+        merged = common.merge_resume_args(parser, argv, args, saved)
+        assert merged.sobel == (not no_sobel) and "no_sobel" not in vars(merged) and merged.epochs == 3
+        assert common.backbone_kwargs(merged, 32)["sobel"] == (not no_sobel)
+    parser, args = rotnet.get_args(argv + ["--sobel"])  # given again: the command line's
+    assert common.merge_resume_args(parser, argv + ["--sobel"], args, {**saved, "no_sobel": True}).sobel
