@@ -3,6 +3,9 @@
     python test_all.py                 # ends with "N passed, N failed"; exit status 1 if any failed
     python test_all.py nt_xent resume  # only tests whose name (or module) contains one of these words
     python -m pytest tests             # the same tests under pytest
+
+Every test runs at the precision and memory layout it states (fp32 and NCHW unless it says otherwise), on every
+CPU: see `runs_at` in tests/util.py. The ten slowest tests are listed at the end.
 """
 import glob
 import importlib
@@ -19,6 +22,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.join(HERE, "tests")]
 
 import torch  # noqa: E402
+import util  # noqa: E402  (tests/util.py)
 
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", min(2, os.cpu_count() or 1))))
 
@@ -36,20 +40,31 @@ def collect(words):
 
 
 def run(fn):
-    """Call a test; a `tmp_path` argument (as in pytest) gets a fresh folder that is deleted afterwards."""
-    if "tmp_path" not in inspect.signature(fn).parameters:
-        return fn()
-    d = tempfile.mkdtemp(prefix="ssl-test-")
+    """Call a test at the precision and layout it states; a `tmp_path` argument (as in pytest) gets a fresh folder
+    that is deleted afterwards."""
+    with util.pinned(fn):
+        if "tmp_path" not in inspect.signature(fn).parameters:
+            return fn()
+        d = tempfile.mkdtemp(prefix="ssl-test-")
+        try:
+            return fn(tmp_path=pathlib.Path(d))
+        finally:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def cpu_name():
     try:
-        return fn(tmp_path=pathlib.Path(d))
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        import platform
+        return platform.processor() or "unknown CPU"
 
 
 def main():
     tests = collect(sys.argv[1:])
     passed = failed = 0
-    t_all = time.time()
+    t_all, times = time.time(), []
     for module, name, fn in tests:
         t0 = time.time()
         try:
@@ -61,7 +76,11 @@ def main():
                 raise
             failed += 1
             print(f"FAIL {module}.{name} ({time.time() - t0:.1f}s)\n{traceback.format_exc()}", flush=True)
-    print(f"total {time.time() - t_all:.0f}s")
+        times.append((time.time() - t0, f"{module}.{name}"))
+    print("slowest tests:")
+    for seconds, name in sorted(times, reverse=True)[:10]:
+        print(f"  {seconds:6.1f}s  {name}")
+    print(f"total {time.time() - t_all:.0f}s on {torch.get_num_threads()} thread(s), {cpu_name()}")
     print(f"{passed} passed, {failed} failed")
     sys.exit(1 if failed else 0)
 

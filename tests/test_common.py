@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-from util import HERE, expect_exit, free_port, random_init_knn, run_script, tmpdir
+from util import HERE, expect_exit, free_port, random_init_knn, run_script, runs_at, tmpdir
 import common
 import deepcluster
 import imagenet_mnist as im
@@ -106,23 +106,6 @@ def test_color_jitter_draws_its_order_per_image_and_matches_torchvision():
         for op in common.JITTER_ORDERS[order[i]]:
             ref = ops[op](ref, i)
         assert (y[i] - ref).abs().max() < 1e-4, (i, (y[i] - ref).abs().max())
-
-
-def test_channels_last_rule():
-    """channels_last: on CUDA, and on CPUs with AVX-512 (measured fine on a Zen 5); not on AVX2-only CPUs, where
-    oneDNN crashed with it (simulated capabilities); --channels-last on/off force it."""
-    real = torch.cpu.get_capabilities
-    cpu = torch.device("cpu")
-    try:
-        for caps, expected in [({"avx2": True}, torch.contiguous_format),
-                               ({"avx2": True, "avx512_f": True}, torch.channels_last)]:
-            torch.cpu.get_capabilities = lambda caps=caps: caps
-            assert common.memory_format(cpu) == expected
-            assert common.memory_format(cpu, "on") == torch.channels_last
-            assert common.memory_format(cpu, "off") == torch.contiguous_format
-    finally:
-        torch.cpu.get_capabilities = real
-    assert common.memory_format(torch.device("cuda")) == torch.channels_last
 
 
 # ================================================================================================================
@@ -347,6 +330,34 @@ def test_backbone_output_shapes():
     expect_exit(lambda: common.build_backbone("resnet18", width=0), "--width")
 
 
+def test_nin_backbone_is_the_rotnet_papers_network_in_four_blocks():
+    """--backbone nin: the reference's NetworkInNetwork with 4 blocks (FeatureLearningRotNet, CIFAR-10 config): each
+    block a 5x5 (blocks 1-2) or 3x3 (3-4) conv and two 1x1 convs, each conv without bias and followed by BatchNorm
+    and ReLU; 192 channels, 160 and 96 in block 1; max-pool after block 1, average pool after block 2; h is the
+    global average of block 4. --width scales the channels; images > 64 px get a third pool (the reference's
+    default); block_features gives the four block outputs, block 2's the 192 x 8 x 8 map the paper probes."""
+    net = common.build_backbone("nin").eval()
+    assert isinstance(net, common.NIN) and len(net.blocks) == 4 and net.feature_dim == 192
+    convs = [m for m in net.modules() if isinstance(m, nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels, c.kernel_size[0]) for c in convs] == [
+        (3, 192, 5), (192, 160, 1), (160, 96, 1), (96, 192, 5), (192, 192, 1), (192, 192, 1)] + \
+        [(192, 192, 3), (192, 192, 1), (192, 192, 1)] * 2
+    assert all(c.bias is None for c in convs)
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in net.modules()) == 12
+    assert [type(b[-1]).__name__ for b in net.blocks] == ["MaxPool2d", "AvgPool2d", "Identity", "Identity"]
+    x = torch.randn(2, 3, 32, 32)
+    maps = net.block_features(x)
+    assert [tuple(m.shape[1:]) for m in maps] == [(96, 16, 16), (192, 8, 8), (192, 8, 8), (192, 8, 8)]
+    assert torch.allclose(net(x), maps[3].mean((2, 3))) and all((m >= 0).all() for m in maps)
+    small = common.build_backbone("nin", width=16, small=False).eval()
+    assert small.feature_dim == 48 and type(small.blocks[2][-1]).__name__ == "AvgPool2d"
+    assert [tuple(m.shape[1:]) for m in small.block_features(torch.randn(1, 3, 96, 96))] == [
+        (24, 48, 48), (48, 24, 24), (48, 12, 12), (48, 12, 12)]
+    args = knn_eval.get_args(["--random-init", "--backbone", "nin", "--width", "16"])[1]
+    assert common.backbone_kwargs(args, 32) == {"width": 16, "small": True}
+
+
+@runs_at(None)  # tests the auto rule itself
 def test_device_and_amp_selection():
     assert common.get_device("cpu").type == "cpu"
     assert common.get_device("auto").type in ("cpu", "cuda", "mps")

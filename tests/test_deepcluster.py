@@ -2,13 +2,11 @@
 import json
 import math
 import os
-import subprocess
-import sys
 
 import numpy as np
 import torch
 
-from util import HERE, expect_exit, free_port, random_init_knn, run_script
+from util import expect_exit, random_init_knn, run_script, torchrun
 import common
 import deepcluster
 
@@ -319,9 +317,7 @@ def test_deepcluster_torchrun_two_processes_on_cpu(tmp_path):
     d1, d2 = str(tmp_path / "one"), str(tmp_path / "two")
     base = ["--data", "shapes", "--shapes-n", "130", "40", "--epochs", "1", "--width", "4", "--batch-size", "32",
             "--k", "6", "--pca-dim", "16", "--feature-batch-size", "16", "--device", "cpu", "--log-every", "1000"]
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port",
-                        str(free_port()), "deepcluster.py"] + base + ["--out", d2],
-                       cwd=HERE, capture_output=True, text=True, timeout=600)
+    r = torchrun(2, "deepcluster.py", *base, "--out", d2)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "2 process(es)" in r.stdout
     s2 = json.load(open(os.path.join(d2, "summary.json")))

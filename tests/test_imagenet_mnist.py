@@ -9,7 +9,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from util import expect_exit, run_script
+from util import expect_exit, precision, run_script
 import common
 import imagenet_mnist as im
 
@@ -171,7 +171,7 @@ def test_imagenet_mnist_channels_last_flag_acts(tmp_path):
     try:
         for i, flag in enumerate(["on", "off"]):
             try:
-                with contextlib.redirect_stdout(io.StringIO()):
+                with contextlib.redirect_stdout(io.StringIO()), precision("off", flag):
                     im.main(base + ["--channels-last", flag, "--out", str(tmp_path / f"run{i}")])
             except _Seen:
                 pass

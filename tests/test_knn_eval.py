@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from util import expect_exit, run_script
+from util import expect_exit, precision, run_script
 import common
 import knn_eval
 
@@ -257,11 +257,14 @@ def test_knn_eval_channels_last_and_amp_flags_act(tmp_path):
     base = ["--data", "shapes", "--shapes-n", "50", "20", "--width", "4", "--out", str(tmp_path)] + CPU
     handle = nn.modules.module.register_module_forward_pre_hook(hook)
     try:
-        for flags in [["--random-init", "--channels-last", "on"], ["--random-init", "--channels-last", "off"],
-                      ["--supervised", "--labels-per-class", "2", "--channels-last", "on", "--amp", "bf16"],
-                      ["--supervised", "--labels-per-class", "2", "--channels-last", "off", "--amp", "off"]]:
+        for flags, amp, layout in [(["--random-init", "--channels-last", "on"], "off", "on"),
+                                   (["--random-init", "--channels-last", "off"], "off", "off"),
+                                   (["--supervised", "--labels-per-class", "2", "--channels-last", "on", "--amp",
+                                     "bf16"], "bf16", "on"),
+                                   (["--supervised", "--labels-per-class", "2", "--channels-last", "off", "--amp",
+                                     "off"], "off", "off")]:
             try:
-                with contextlib.redirect_stdout(io.StringIO()):
+                with contextlib.redirect_stdout(io.StringIO()), precision(amp, layout):
                     knn_eval.main(flags + base)
             except _Seen:
                 pass
@@ -334,3 +337,33 @@ def test_knn_eval_bad_input_errors(tmp_path):
     expect_exit(lambda: knn_eval.check_input_fits(enc, 1, 32, "--data x"), "1-channel images do not fit")
     r = run_script("knn_eval.py", "--ckpt", missing, "--device", "cpu")
     assert r.returncode == 1 and r.stderr.strip() == f"error: checkpoint not found: {missing}"
+
+
+def test_knn_eval_nin_layer_probes_list_its_four_blocks(tmp_path):
+    """--protocols layers on a NIN (rotnet.py --backbone nin): a linear probe on each of block1 ... block4, each
+    block's output average-pooled to about --layer-dim features, then the MLP probe on block 2's whole map (the
+    RotNet paper's non-linear classifier on the second block)."""
+    net = common.build_backbone("nin", width=4).eval()
+    layers = knn_eval.NINLayers(net, 32, layer_dim=64)
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        out, maps = layers(x), net.block_features(x)
+    assert layers.names == ["block1", "block2", "block3", "block4", "frozen block1-2"]
+    assert len(layers.sizes) == 5 and layers.sizes[4] == 12 * 8 * 8 and out.shape == (2, sum(layers.sizes))
+    assert torch.allclose(out[:, -layers.sizes[4]:], maps[1].flatten(1))
+    r = knn_eval.main(["--random-init", "--backbone", "nin", "--width", "4", "--data", "shapes", "--shapes-n", "100",
+                       "50", "--protocols", "layers", "--mlp-epochs", "1", "--layer-dim", "64", "--out",
+                       str(tmp_path)] + CPU + PROBES)
+    assert [x["setting"].split(",")[0] for x in r["rows"][:5]] == layers.names and r["rows"][5]["protocol"] == "chance"
+    assert [x["protocol"] for x in r["rows"][:5]] == ["layer linear probe"] * 4 + ["MLP probe"]
+
+
+def test_knn_eval_features_head_needs_a_moco_checkpoint(tmp_path):
+    """--features head reads a moco.py checkpoint's projection head; on another method's checkpoint, or without
+    --ckpt, it stops with one line."""
+    d = str(tmp_path)
+    path = _ckpt(d, width=4, small_stem=True)  # a simclr checkpoint
+    expect_exit(lambda: knn_eval.main(["--ckpt", path, "--features", "head"] + CPU + KNN), "--features head",
+                "simclr checkpoint", "moco.py")
+    expect_exit(lambda: knn_eval.main(["--random-init", "--features", "head", "--data", "shapes", "--shapes-n", "50",
+                                       "20", "--width", "4"] + CPU), "--features", "--ckpt")

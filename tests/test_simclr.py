@@ -6,7 +6,6 @@ import os
 import pickle
 import socket
 import struct
-import subprocess
 import sys
 import tarfile
 import time
@@ -17,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-from util import HERE, expect_exit, free_port, random_init_knn, run_script, tmpdir
+from util import expect_exit, free_port, random_init_knn, run_script, runs_at, tmpdir, torchrun
 import common
 import deepcluster
 import imagenet_mnist as im
@@ -198,10 +197,8 @@ def test_distributed_two_process_gloo_matches_single_process():
 
 def test_simclr_torchrun_two_processes_on_cpu():
     d = tmpdir()
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port",
-                        str(free_port()), "simclr.py", "--data", "shapes", "--shapes-n", "128", "64", "--epochs", "1",
-                        "--width", "4", "--batch-size", "64", "--device", "cpu", "--out", d, "--knn-every", "1"],
-                       cwd=HERE, capture_output=True, text=True, timeout=600)
+    r = torchrun(2, "simclr.py", "--data", "shapes", "--shapes-n", "128", "64", "--epochs", "1", "--width", "4",
+                 "--batch-size", "64", "--device", "cpu", "--out", d, "--knn-every", "1")
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.load(open(os.path.join(d, "summary.json")))
     assert summary["world_size"] == 2 and summary["knn_top1"] is not None
@@ -278,42 +275,6 @@ def test_bench_pipeline_reports_speed_flops_and_peak():
     with FlopCounterMode(display=False) as fc:
         model(torch.randn(2, 3, 32, 32))
     assert 2.5 < r["gflop_per_image"] * 1e9 / fc.get_total_flops() < 3.5
-
-
-def test_amp_auto_picks_bf16_only_with_native_bf16():
-    """--amp auto on a CPU: bf16 autocast where the CPU computes bf16 natively, fp32 elsewhere (the detection
-    result is simulated); --amp bf16 forces it, fp16 needs CUDA."""
-    cpu = torch.device("cpu")
-    real = common.cpu_has_native_bf16
-    try:
-        for native, expected in [(True, torch.bfloat16), (False, None)]:
-            common.cpu_has_native_bf16 = lambda: native
-            autocast, scaler = common.setup_amp("auto", cpu)
-            assert autocast.dtype == expected and not scaler.is_enabled()
-            with autocast():
-                y = torch.nn.Linear(4, 4)(torch.randn(2, 4))
-            assert y.dtype == (expected or torch.float32)
-    finally:
-        common.cpu_has_native_bf16 = real
-    assert common.setup_amp("bf16", cpu)[0].dtype == torch.bfloat16
-    assert common.setup_amp("off", cpu)[0].dtype is None
-    expect_exit(lambda: common.setup_amp("fp16", cpu), "--amp fp16 needs a CUDA device")
-
-
-def test_bf16_run_learns_like_fp32(tmp_path):
-    """The same short SimCLR run with --amp bf16 and --amp off: close loss curves and kNN (bf16 autocast changes
-    the forward pass's rounding, not the method)."""
-    base = ["--data", "shapes", "--shapes-n", "512", "200", "--width", "4", "--batch-size", "64", "--epochs", "3",
-            "--optimizer", "adamw", "--lr", "4e-3", "--weight-decay", "1e-4", "--crop-min-scale", "0.2",
-            "--device", "cpu", "--knn-every", "3", "--log-every", "1000"]
-    s32 = simclr.main(base + ["--amp", "off", "--out", str(tmp_path / "fp32")])
-    s16 = simclr.main(base + ["--amp", "bf16", "--out", str(tmp_path / "bf16")])
-    r32, r16 = ([json.loads(x) for x in open(tmp_path / d / "metrics.jsonl")] for d in ("fp32", "bf16"))
-    print(f"    loss fp32 {[round(r['loss'], 3) for r in r32]} bf16 {[round(r['loss'], 3) for r in r16]}; kNN "
-          f"{s32['knn_top1']:.1f} vs {s16['knn_top1']:.1f}")
-    assert s16["precision"] == "torch.bfloat16" and s32["precision"] == "torch.float32"
-    assert all(abs(a["loss"] - b["loss"]) < 0.1 for a, b in zip(r32, r16)), (r32, r16)
-    assert r16[-1]["loss"] < r16[0]["loss"] and abs(s32["knn_top1"] - s16["knn_top1"]) < 8
 
 
 def test_simclr_trains_on_shapes(tmp_path):
