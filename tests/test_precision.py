@@ -122,8 +122,6 @@ def test_a_test_that_runs_another_precision_than_it_states_fails(tmp_path):
             "--device", "cpu", "--out", str(tmp_path / "run")]
     r = run_script("simclr.py", *tiny, "--amp", "bf16")
     assert r.returncode != 0 and "states --amp off" in r.stderr, r.stderr[-2000:]
-    r = run_script("simclr.py", *tiny)  # auto: fp32 here, whatever the CPU
-    assert r.returncode == 0 and "torch.float32" in r.stdout, r.stderr[-2000:]
 
 
 # ================================================================================================================
@@ -134,9 +132,10 @@ def _quiet(main, argv):
         return main(argv)
 
 
-ONE_STEP = {  # one step on 32 (cpc, moco: 16) shapes images: the epoch's loss is the loss of step 1
+ONE_STEP = {  # one step on 32 shapes images: the epoch's loss is the loss of step 1
     "simclr": (simclr.main, ["--width", "4", "--batch-size", "32"]),
-    "moco": (moco.main, ["--width", "4", "--batch-size", "32", "--moco-k", "64", "--bn-splits", "4"]),
+    "moco": (moco.main, ["--width", "4", "--batch-size", "32", "--moco-k", "32", "--bn-splits", "4",
+                         "--shapes-n", "48", "32"]),  # a queue smaller than the training set (one step: drop_last)
     "byol": (byol.main, ["--width", "4", "--batch-size", "32"]),
     "dino": (dino.main, ["--width", "4", "--batch-size", "32", "--local-crops", "2", "--out-dim", "64",
                          "--head-hidden", "64", "--bottleneck", "16"]),
@@ -154,7 +153,8 @@ def _first_loss(main, argv, out):
 
 def test_bf16_first_step_loss_is_close_to_fp32_for_every_method(tmp_path):
     """Step 1 of every method, same seed and batch, --amp bf16 vs --amp off: a finite loss within 2.5% of fp32
-    (module docstring; measured on a Zen 4 with native bf16: at most ?%)."""
+    (module docstring). Measured: at most 0.38% on a Zen 4 with native bf16, 0.39% with bf16 emulated (oneDNN and
+    ATen limited to AVX2); fp32 is the same on both to 6 digits."""
     for name, (main, argv) in ONE_STEP.items():
         l32 = _first_loss(main, argv, str(tmp_path / f"{name}-fp32"))
         with precision("bf16"):
@@ -163,35 +163,51 @@ def test_bf16_first_step_loss_is_close_to_fp32_for_every_method(tmp_path):
         assert torch.isfinite(torch.tensor(l16)) and abs(l16 - l32) < 0.025 * abs(l32), (name, l32, l16)
 
 
+@contextlib.contextmanager
+def weight_update():
+    """Records what a run changes: yields a dict whose "update" is, after the run, (final - initial) of every
+    parameter the run's optimiser trains, as one flat vector (read from common.make_optimizer's arguments)."""
+    real, seen, result = common.make_optimizer, {}, {}
+
+    def spy(name, groups, lr):
+        seen["params"] = [p for g in groups for p in g["params"]]
+        seen["initial"] = [p.detach().clone() for p in seen["params"]]
+        return real(name, groups, lr)
+    common.make_optimizer = spy
+    try:
+        yield result
+    finally:
+        common.make_optimizer = real
+    result["update"] = torch.cat([(p.detach() - p0).flatten() for p, p0 in zip(seen["params"], seen["initial"])])
+
+
+COMPILE_RUN = ["--data", "shapes", "--shapes-n", "32", "32", "--width", "2", "--batch-size", "32", "--epochs", "1",
+               "--device", "cpu", "--knn-every", "1", "--log-every", "1000", "--optimizer", "sgd"]  # one step
+
+
 @runs_at(amp="bf16")
 def test_bf16_compile_matches_eager(tmp_path):
     """--compile under bf16 trains the same model as eager bf16, to bf16 accuracy. The compiled model rounds at other
     points (fused kernels), so step 1's loss agrees to 2.5% (module docstring; fp32: 1e-3), and the weight update of
     step 1 may differ, but by less than bf16 itself changes it: |u_compiled - u_eager| < |u_eager - u_fp32|, where u
-    is the change of all weights in step 1. (On this width-2 ResNet the step-1 gradients of the early BatchNorm
-    layers are small and sensitive to rounding: measured on a Zen 4 with native bf16, 0.33 x |u_eager| between
-    compiled and eager bf16, 0.62 x between eager bf16 and fp32; a wrong compiled gradient gives ~1 or more.)"""
-    base = ["--data", "shapes", "--shapes-n", "32", "32", "--width", "2", "--batch-size", "32", "--epochs", "1",
-            "--device", "cpu", "--knn-every", "1", "--log-every", "1000", "--optimizer", "sgd"]
-    fp32, eager, compiled = (str(tmp_path / d) for d in ("fp32", "eager", "compiled"))
-    with precision("off"):
-        _quiet(simclr.main, base + ["--out", fp32])
-    _quiet(simclr.main, base + ["--out", eager])
-    _quiet(simclr.main, base + ["--out", compiled, "--compile"])
-    m1, m2 = (json.loads(open(os.path.join(d, "metrics.jsonl")).readline()) for d in (eager, compiled))
-    torch.manual_seed(0)  # the runs' initial weights (seed 0, built first)
-    enc0 = simclr.SimCLR(common.build_backbone("resnet18", width=2, small_stem=True), None, 128).encoder
-    w0 = {k: p.detach() for k, p in enc0.named_parameters()}  # weights, not BatchNorm's running statistics
-    ckpts = [torch.load(os.path.join(d, "last.pt"), weights_only=False)["encoder"] for d in (fp32, eager, compiled)]
-    assert ckpts[1].keys() == ckpts[2].keys()  # plain names (no `_orig_mod.`)
-    u32, ue, uc = (torch.cat([(w[k] - w0[k]).flatten() for k in w0]) for w in ckpts)
-    assert (ue - u32).norm() < 2 * ue.norm()  # w0 is the runs' initial weights
-    print(f"    step-1 loss eager {m1['loss']:.5f} compiled {m2['loss']:.5f}; update differs by "
-          f"{(uc - ue).norm() / ue.norm():.3f} (compiled vs eager bf16), {(ue - u32).norm() / ue.norm():.3f} "
+    is the change of all trained weights in step 1 (a wrong compiled gradient gives a difference of the size of u).
+    (A ResNet-18: an AlexNet would compile faster, but its dropout draws other masks when compiled. On this width-2
+    ResNet the step-1 gradients of the early BatchNorm layers are small and sensitive to rounding: measured on a
+    Zen 4 with native bf16, 0.33 x |u_eager| between compiled and eager bf16, 0.55 x between eager bf16 and fp32.)"""
+    runs = {}
+    for name, amp, flags in [("fp32", "off", []), ("eager", "bf16", []), ("compiled", "bf16", ["--compile"])]:
+        with precision(amp), weight_update() as u:
+            _quiet(simclr.main, COMPILE_RUN + flags + ["--out", str(tmp_path / name)])
+        runs[name] = (json.loads(open(tmp_path / name / "metrics.jsonl").readline())["loss"], u["update"])
+    (l32, u32), (le, ue), (lc, uc) = runs["fp32"], runs["eager"], runs["compiled"]
+    print(f"    step-1 loss fp32 {l32:.5f} eager {le:.5f} compiled {lc:.5f}; update differs by "
+          f"{(uc - ue).norm() / ue.norm():.4f} (compiled vs eager bf16), {(ue - u32).norm() / ue.norm():.4f} "
           "(eager bf16 vs fp32) of its size")
-    assert abs(m1["loss"] - m2["loss"]) < 0.025 * abs(m1["loss"]), (m1, m2)
-    assert (uc - ue).norm() < (ue - u32).norm()
-    assert isinstance(common.load_encoder(os.path.join(compiled, "last.pt"))[0], common.ResNet)
+    assert abs(lc - le) < 0.025 * abs(le), (lc, le)
+    assert (uc - ue).norm() < (ue - u32).norm(), ((uc - ue).norm(), (ue - u32).norm())
+    ckpt = torch.load(tmp_path / "compiled" / "last.pt", weights_only=False)
+    assert not any(k.startswith("_orig_mod.") for k in ckpt["encoder"])
+    assert isinstance(common.load_encoder(str(tmp_path / "compiled" / "last.pt"))[0], common.ResNet)
 
 
 @runs_at(amp="bf16")
