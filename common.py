@@ -8,8 +8,9 @@ Sections, in order:
   4. augmentations     -- batched, on the training device, independent random parameters per image;
                           each method composes its own recipe from these blocks in its own file
   5. backbones         -- torchvision ResNet-18/34/50 (with a small-image stem and a width option) and the
-                          DeepCluster AlexNet (BatchNorm, optional Sobel input), a ViT-Tiny (torchvision's
-                          VisionTransformer, any input size); each returns h and has .feature_dim
+                          DeepCluster AlexNet (BatchNorm, optional Sobel input), RotNet's Network-In-Network, a
+                          ViT-Tiny (torchvision's VisionTransformer, any input size); each returns h and has
+                          .feature_dim
   6. checkpoints, logs -- one checkpoint format, atomic writes, `load_encoder`, progress/ETA, metrics.jsonl, curves.png
   7. optimisation      -- LARS, parameter groups without decay on biases and BatchNorm, the optimiser choice,
                           learning-rate scaling with the batch, warm-up then cosine decay
@@ -65,7 +66,7 @@ def add_common_args(parser, backbone="resnet18", training=True, sobel=True):
     group.add_argument("--shapes-n", type=int, nargs=2, default=[5000, 1000], metavar=("TRAIN", "TEST"),
                    help="number of training and test images of the synthetic `shapes` dataset")
     group.add_argument("--backbone", default=backbone, choices=list(BACKBONES), help="encoder architecture")
-    group.add_argument("--width", type=int, default=64, help="base width of ResNet/AlexNet (64 = the standard network; 16 or 32 for CPU; ignored by vit_tiny)")
+    group.add_argument("--width", type=int, default=64, help="base width of ResNet/AlexNet/NIN (64 = the standard network; 16 or 32 for CPU; ignored by vit_tiny)")
     group.add_argument("--sobel", action=argparse.BooleanOptionalAction, default=sobel,
                        help="AlexNet only: a fixed Sobel input layer (DeepCluster's); --no-sobel: RGB input")
     group.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
@@ -809,6 +810,43 @@ class AlexNet(nn.Module):
         return self.classifier(torch.flatten(self.avgpool(x), 1))
 
 
+class NIN(nn.Module):
+    """The RotNet paper's Network-In-Network with 4 conv blocks (its CIFAR-10 network). A block is three conv layers,
+    each followed by BatchNorm and ReLU: a 5x5 (blocks 1-2) or 3x3 (blocks 3-4) conv, then two 1x1 convs. Every conv
+    has 192 channels (x width/64), except block 1 (192, 160, 96). A 3x3/2 max-pool follows block 1 and a 3x3/2
+    average pool block 2. Images > 64 px (small=False) get a third pool after block 3, the reference's default.
+    forward returns the global average of block 4 (N, feature_dim). `block_features` returns each block's output
+    after its pool: the maps the paper probes (block 2: 192 x 8 x 8 on 32 px)."""
+    def __init__(self, width=64, small=True):
+        super().__init__()
+        c, c2, c3 = (max(1, round(k * width / 64)) for k in (192, 160, 96))
+        layers = [[(3, c, 5), (c, c2, 1), (c2, c3, 1)], [(c3, c, 5), (c, c, 1), (c, c, 1)],
+                  [(c, c, 3), (c, c, 1), (c, c, 1)], [(c, c, 3), (c, c, 1), (c, c, 1)]]
+        pools = [nn.MaxPool2d(3, 2, 1), nn.AvgPool2d(3, 2, 1), nn.Identity() if small else nn.AvgPool2d(3, 2, 1),
+                 nn.Identity()]
+        self.blocks = nn.ModuleList(
+            nn.Sequential(*[m for i, o, k in block for m in (nn.Conv2d(i, o, k, padding=k // 2, bias=False),
+                                                             nn.BatchNorm2d(o), nn.ReLU(inplace=True))], pool)
+            for block, pool in zip(layers, pools))
+        self.feature_dim = c
+        for m in self.modules():  # the reference's initialisation (BatchNorm: weight 1, bias 0)
+            if isinstance(m, nn.Conv2d):
+                nn.init.normal_(m.weight, 0, math.sqrt(2.0 / (m.kernel_size[0] * m.kernel_size[1] * m.out_channels)))
+
+    def block_features(self, x):
+        """The output of block 1 ... block 4 (after its pool): a list of four (N, C_b, H_b, W_b) maps."""
+        outs = []
+        for block in self.blocks:
+            x = block(x)
+            outs.append(x)
+        return outs
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return x.mean((2, 3))
+
+
 class ViT(torchvision.models.VisionTransformer):
     """torchvision's VisionTransformer without its classifier; forward returns the final LayerNorm's [CLS] token
     (N, dim). The defaults are ViT-Tiny (DeiT-Ti, as `--backbone vit_tiny`): 192-d, 12 blocks, 3 heads, MLP 4x.
@@ -873,13 +911,15 @@ class PatchGridEncoder(nn.Module):
         return z.view(*p.shape[:3], -1).mean((1, 2))
 
 
-BACKBONES = {"resnet18": 18, "resnet34": 34, "resnet50": 50, "alexnet": None, "vit_tiny": None}
+BACKBONES = {"resnet18": 18, "resnet34": 34, "resnet50": 50, "alexnet": None, "nin": None, "vit_tiny": None}
 
 
 def backbone_kwargs(args, img_size):
     """The keyword arguments that rebuild this run's encoder (stored in every checkpoint)."""
     if args.backbone == "alexnet":
         return {"width": args.width, "sobel": args.sobel, "small": img_size <= 64}
+    if args.backbone == "nin":
+        return {"width": args.width, "small": img_size <= 64}
     if args.backbone == "vit_tiny":
         return {"img_size": img_size, "patch_size": vit_patch_size(img_size)}
     return {"width": args.width, "small_stem": img_size <= 64}
@@ -894,6 +934,8 @@ def build_backbone(name, **kwargs):
         fail(f"--width must be positive, got {kwargs['width']}")
     if name == "vit_tiny":
         return ViT(**kwargs)
+    if name == "nin":
+        return NIN(**kwargs)
     return AlexNet(**kwargs) if name == "alexnet" else ResNet(BACKBONES[name], **kwargs)
 
 

@@ -5,12 +5,14 @@
   3. linear probe   -- logistic regression on frozen, standardised features, L2 strength chosen on held-out
                        training images (the linear evaluation protocol of e.g. SimCLR, https://arxiv.org/abs/2002.05709)
   4. few-shot probe -- the same with 10, 20, 50, 100, 200, 500 labelled images per class
-  5. layer probes   -- AlexNet only: linear probes on the pooled conv1 ... conv5 maps and an MLP on the frozen conv
-                       features (DeepCluster, Caron et al. 2018, https://arxiv.org/abs/1807.05520, table 2 / sec. 5)
+  5. layer probes   -- AlexNet and NIN: linear probes on the pooled conv1 ... conv5 maps (NIN: block1 ... block4) and
+                       an MLP on the frozen conv features (DeepCluster, Caron et al. 2018,
+                       https://arxiv.org/abs/1807.05520, table 2 / sec. 5; RotNet, Gidaris et al. 2018, table 1)
   6. supervised     -- the same backbone trained from scratch on the labels only (what pre-training buys)
 
 Features are extracted once per (encoder, split), in eval mode (BatchNorm statistics frozen), without augmentation,
-and every protocol reuses them. Each protocol is one function (eval_knn, eval_linear, eval_fewshot, eval_layers,
+and every protocol reuses them. --features head reads a moco.py checkpoint's query network with its projection head
+(the features of the reference MoCo CIFAR-10 demo's kNN monitor) instead of the backbone. Each protocol is one function (eval_knn, eval_linear, eval_fewshot, eval_layers,
 eval_supervised) that returns rows of the result: one markdown table, also written as JSON.
 
     python knn_eval.py --random-init --data shapes --shapes-n 2000 500 --width 8 --device cpu   # offline, ~20 s CPU
@@ -39,7 +41,7 @@ PROTOCOLS = ["knn", "1nn", "linear", "fewshot", "layers"]
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="Evaluate an encoder: weighted kNN, 1-NN, linear and few-shot probes, "
-                                "AlexNet layer probes, supervised baseline. A flag that would not act in this run "
+                                "AlexNet/NIN layer probes, supervised baseline. A flag that would not act in this run "
                                 "(e.g. --k without the knn protocol) is an error.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     what = p.add_mutually_exclusive_group(required=True)
@@ -49,7 +51,10 @@ def get_args(argv=None):
     what.add_argument("--supervised", action="store_true",
                       help="baseline: train --backbone from scratch on --labels-per-class labels, then evaluate it")
     p.add_argument("--protocols", default=",".join(PROTOCOLS),
-                   help=f"comma-separated subset of {','.join(PROTOCOLS)} (layers: AlexNet only)")
+                   help=f"comma-separated subset of {','.join(PROTOCOLS)} (layers: AlexNet and NIN only)")
+    p.add_argument("--features", default="backbone", choices=["backbone", "head"],
+                   help="--ckpt of moco.py: the backbone's h (as every script's monitor) or the query network's "
+                        "projection-head output (the reference CIFAR-10 demo's kNN monitor); head: not with layers")
     p.add_argument("--k", type=int, default=200, help="weighted kNN: neighbours")
     p.add_argument("--temperature", type=float, default=0.1, help="weighted kNN: vote weight exp(s / temperature)")
     p.add_argument("--shots", default=",".join(map(str, SHOTS)), help="few-shot probe: labelled images per class")
@@ -62,7 +67,7 @@ def get_args(argv=None):
                    help="linear, few-shot and layer probes: L-BFGS iterations (full batch)")
     p.add_argument("--layer-dim", type=int, default=1024,
                    help="layer probes: each conv map is average-pooled to a grid of about this many features")
-    p.add_argument("--mlp-epochs", type=int, default=30, help="MLP probe on frozen AlexNet conv features: epochs")
+    p.add_argument("--mlp-epochs", type=int, default=30, help="MLP probe on frozen AlexNet/NIN conv features: epochs")
     p.add_argument("--mlp-hidden", type=int, default=512, help="MLP probe: hidden units of its two hidden layers")
     p.add_argument("--labels-per-class", type=int, default=None,
                    help="--supervised: labelled images per class (default: all), the few-shot subset of that size")
@@ -103,16 +108,19 @@ def check_args(args):
 def check_flags_act(args, given, backbone):
     """Every flag written on the command line must act in this run; stop with an error naming the flag otherwise
     (e.g. --k without the knn protocol, --width with --ckpt, whose encoder the checkpoint describes)."""
-    runs = set(args.protocols) if backbone == "alexnet" else set(args.protocols) - {"layers"}
-    if "protocols" in given and "layers" in args.protocols and backbone != "alexnet":
-        fail(f"--protocols layers: the per-layer probes need an AlexNet encoder, this one is {backbone}")
+    layered = backbone in LAYERS and args.features == "backbone"
+    runs = set(args.protocols) if layered else set(args.protocols) - {"layers"}
+    if "protocols" in given and "layers" in args.protocols and not layered:
+        fail(f"--protocols layers: the per-layer probes need an AlexNet or NIN encoder, this one is "
+             f"{backbone if args.features == 'backbone' else 'a projection head (--features head)'}")
     probes = (bool(runs & {"linear", "fewshot", "layers"}), "the linear, fewshot or layers protocol")
     builds = args.random_init or args.supervised
     acts = {  # flag: (does it act in this run?, where it acts)
         "k": ("knn" in runs, "the knn protocol"), "temperature": ("knn" in runs, "the knn protocol"),
         "shots": ("fewshot" in runs, "the fewshot protocol"),
         "l2_grid": probes, "val_fraction": probes, "probe_steps": probes,
-        **dict.fromkeys(["layer_dim", "mlp_epochs", "mlp_hidden"], ("layers" in runs, "the layers protocol (AlexNet)")),
+        **dict.fromkeys(["layer_dim", "mlp_epochs", "mlp_hidden"],
+                        ("layers" in runs, "the layers protocol (AlexNet, NIN)")),
         **dict.fromkeys(["labels_per_class", "sup_steps", "sup_batch_size", "sup_lr"],
                         (args.supervised, "--supervised")),
         **dict.fromkeys(["backbone", "width"],
@@ -122,6 +130,7 @@ def check_flags_act(args, given, backbone):
         "shapes_n": (args.data == "shapes", "--data shapes"),
         "imagenette_size": (args.data == "imagenette", "--data imagenette"),
         "data_dir": (args.data != "shapes", "data that is downloaded or read from a folder (not shapes)"),
+        "features": (bool(args.ckpt), "--ckpt (head: of moco.py)"),
     }
     for dest, (acts_here, where) in acts.items():
         if dest in given and not acts_here:
@@ -256,12 +265,14 @@ def eval_fewshot(train, train_y, test, test_y, num_classes, args):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 5. AlexNet per-layer features and the MLP probe
+# 5. AlexNet and NIN per-layer features and the MLP probe
 # ----------------------------------------------------------------------------------------------------------------
 class AlexNetLayers(nn.Module):
     """Frozen AlexNet -> concatenated features: each of conv1 ... conv5 (ReLU output) average-pooled to a p x p grid
     with C p^2 ~ layer_dim, then the input of the fc layers (pool5 + avgpool, flattened) for the MLP probe.
-    `.sizes` lists the six feature sizes (to split the concatenation)."""
+    `.sizes` lists the six feature sizes (to split the concatenation), `.names` the probed layers and the MLP's input."""
+    names = ["conv1", "conv2", "conv3", "conv4", "conv5", "frozen conv1-5"]
+
     def __init__(self, alexnet, img_size, layer_dim=1024):
         super().__init__()
         self.net, self.layer_dim = alexnet, layer_dim
@@ -272,18 +283,35 @@ class AlexNetLayers(nn.Module):
             alexnet.train(was)
         self.feature_dim = sum(self.sizes)
 
-    def forward_list(self, x, net=None):
-        net = net or self.net
+    def maps(self, x, net):
+        """(the layer maps (N, C_l, H_l, W_l), the MLP probe's input (N, D))."""
         maps = net.conv_features(x)  # five (N, C_l, H_l, W_l)
+        return maps, net.avgpool(net.pools[4](maps[4])).flatten(1)  # what fc6 sees
+
+    def forward_list(self, x, net=None):
+        maps, mlp_input = self.maps(x, net or self.net)
         out = []
         for m in maps:
             p = max(1, min(m.shape[-1], round(math.sqrt(self.layer_dim / m.shape[1]))))
             out.append(F.adaptive_avg_pool2d(m, p).flatten(1))  # (N, C_l p^2)
-        out.append(net.avgpool(net.pools[4](maps[4])).flatten(1))  # what fc6 sees
-        return out
+        return out + [mlp_input]
 
     def forward(self, x):
         return torch.cat(self.forward_list(x), 1)
+
+
+class NINLayers(AlexNetLayers):
+    """Frozen NIN (common.NIN) -> the same for its blocks: block1 ... block4 (each block's output after its pool)
+    average-pooled to ~layer_dim features each, then block 2's whole map, flattened (192 x 8 x 8 on 32 px), for the
+    MLP probe: the RotNet paper's non-linear classifier on the second block (its CIFAR-10 tables)."""
+    names = ["block1", "block2", "block3", "block4", "frozen block1-2"]
+
+    def maps(self, x, net):
+        maps = net.block_features(x)  # four (N, C_b, H_b, W_b)
+        return maps, maps[1].flatten(1)
+
+
+LAYERS = {"alexnet": AlexNetLayers, "nin": NINLayers}  # the backbones with per-layer probes
 
 
 def fit_mlp_probe(x, y, test_x, test_y, num_classes, hidden=512, epochs=30, seed=0, batch_size=256):
@@ -311,21 +339,22 @@ def fit_mlp_probe(x, y, test_x, test_y, num_classes, hidden=512, epochs=30, seed
 
 
 def eval_layers(encoder, feats, train_y, test_y, num_classes, img_size, args):
-    """Protocol 5 (AlexNet): a linear probe on each of conv1 ... conv5, then the MLP probe on the frozen conv features,
-    each next to chance. feats: the FeatureCache (the per-layer features are extracted once per split through it)."""
+    """Protocol 5 (AlexNet, NIN): a linear probe on each of conv1 ... conv5 (NIN: block1 ... block4), then the MLP
+    probe on the frozen conv features, each next to chance. feats: the FeatureCache (the per-layer features are
+    extracted once per split through it)."""
     t0, chance = time.time(), 100.0 / num_classes
-    layers = AlexNetLayers(encoder, img_size, args.layer_dim)
+    layers = (NINLayers if isinstance(encoder, common.NIN) else AlexNetLayers)(encoder, img_size, args.layer_dim)
     tr, te = feats("memory", layers).split(layers.sizes, 1), feats("test", layers).split(layers.sizes, 1)
-    rows = []
-    for l in range(5):
+    rows, n = [], len(layers.sizes) - 1
+    for l in range(n):
         top1, top5, l2 = linear_probe(tr[l], train_y, te[l], test_y, num_classes, args.l2_grid, args.val_fraction,
                                       args.probe_steps, args.seed)
-        rows.append({"protocol": "layer linear probe", "setting": f"conv{l + 1}, {layers.sizes[l]}-d pooled "
+        rows.append({"protocol": "layer linear probe", "setting": f"{layers.names[l]}, {layers.sizes[l]}-d pooled "
                      f"(chance {chance:.1f})", "top1": top1, "top5": top5, "l2": l2})
-        print(f"layer probe conv{l + 1}: top-1 {top1:.2f} ({time.time() - t0:.0f}s; "
-              f"conv{l + 2 if l < 4 else '1-5 MLP'} next)", flush=True)
-    top1, top5 = fit_mlp_probe(tr[5], train_y, te[5], test_y, num_classes, args.mlp_hidden, args.mlp_epochs, args.seed)
-    rows.append({"protocol": "MLP probe", "setting": f"frozen conv1-5, {layers.sizes[5]}-d (chance {chance:.1f})",
+        print(f"layer probe {layers.names[l]}: top-1 {top1:.2f} ({time.time() - t0:.0f}s; "
+              f"{layers.names[l + 1] if l < n - 1 else 'MLP probe'} next)", flush=True)
+    top1, top5 = fit_mlp_probe(tr[n], train_y, te[n], test_y, num_classes, args.mlp_hidden, args.mlp_epochs, args.seed)
+    rows.append({"protocol": "MLP probe", "setting": f"{layers.names[n]}, {layers.sizes[n]}-d (chance {chance:.1f})",
                  "top1": top1, "top5": top5})
     return rows
 
@@ -424,7 +453,22 @@ def what_to_evaluate(args, given, device):
         if args.data == "shapes" and "seed" in saved and "seed" not in given:
             args.seed = saved["seed"]  # shapes draws its images from the seed: the run's images, unless --seed
     label = f"{ckpt.get('method', '?')} checkpoint {args.ckpt} (epoch {ckpt.get('epoch')})"
+    if args.features == "head":
+        encoder, label = moco_query_network(encoder, ckpt, args.ckpt, device), label + ", projection-head output"
     return encoder, ckpt, ckpt["backbone"]["name"], label
+
+
+def moco_query_network(encoder, ckpt, path, device):
+    """--features head: the query network f then g (backbone and projection head) of a moco.py checkpoint, whose
+    output the reference CIFAR-10 demo's kNN monitor reads (its ResNet keeps its fc layer, the 128-d head)."""
+    saved = ckpt.get("args", {})
+    if ckpt.get("method") != "moco" or "model" not in ckpt or "moco_dim" not in saved:
+        fail(f"--features head: {path} is a {ckpt.get('method')} checkpoint; only moco.py checkpoints keep the "
+             f"projection head it reads")
+    import moco  # only here: the other protocols need no method file
+    model = moco.MoCo(encoder, saved["moco_dim"], mlp=not saved.get("no_mlp", False))
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval()
 
 
 def load_labelled_data(args):
@@ -450,7 +494,7 @@ def check_input_fits(encoder, channels, img_size, what):
 
 class FeatureCache:
     """feats(split) = encoder(images of split): float32 (N, D) on the device, extracted once per split and kept;
-    feats(split, module): the same for another module (AlexNet's per-layer features). split: "memory" (the
+    feats(split, module): the same for another module (AlexNet's or NIN's per-layer features). split: "memory" (the
     labelled training split) or "test". Counts extractions and their seconds; a progress line every `log_every`
     batches."""
     def __init__(self, encoder, data, device, img_size, autocast, batch_size=512, workers=0, log_every=20):
@@ -548,12 +592,13 @@ def main(argv=None):
                                ("linear_s", {"fewshot"}, eval_fewshot)]:
         if run & protocols:
             rows += timed(timings, key, fn, feats("memory"), train_y, feats("test"), test_y, C, args)
-    if "layers" in run and backbone == "alexnet":
+    if "layers" in run and backbone in LAYERS and args.features == "backbone":
         rows += timed(timings, "layers_s", eval_layers, encoder, feats, train_y, test_y, C, img_size, args)
     rows.append({"protocol": "chance", "setting": f"uniform guess, {C} classes", "top1": 100.0 / C,
                  "top5": 500.0 / C if C > 5 else None})
     return write_results({
         "encoder": label, "method": ckpt.get("method") if ckpt else backbone, "backbone": backbone,
+        "features": args.features,
         "data": args.data, "img_size": img_size, "num_classes": C, "train_images": len(data.memory),
         "test_images": len(data.test), "seed": args.seed, "device": str(device), "rows": rows,
         "extractions": feats.extractions, "extract_s": feats.seconds, **timings,
