@@ -13,7 +13,8 @@ from sharing BatchNorm statistics. The representation h = f(x) is kept. docs/moc
         --moco-k 512 --device cpu                                  # offline quick start, ~40 s on one CPU core
     python moco.py --data cifar10 --width 8 --epochs 6 --batch-size 256 --lr 0.5 --device cpu  # CIFAR-10, CPU
     python moco.py --data cifar10 --epochs 200 --batch-size 512 --no-mlp --temperature 0.1 --crop-min-scale 0.08 \\
-        --blur-prob 0        # GPU: the reference CIFAR-10 demo (ResNet-18, kNN 82.6%; add --symmetric for 85.3%)
+        --blur-prob 0 --knn-features head  # GPU: the reference CIFAR-10 demo (ResNet-18, its kNN monitor on the
+                                           # 128-d head: 82.6%; add --symmetric for 85.3%)
     torchrun --nproc_per_node=4 moco.py --data imagenette --epochs 200   # 4 GPUs: keys shuffled across the GPUs
 """
 import argparse
@@ -50,7 +51,12 @@ def add_moco_args(p):
                    help="a linear projection head (MoCo v1's) instead of the 2-layer MLP (v2's)")
     p.add_argument("--moco-k", type=int, default=None,
                    help="queue size K, the number of negative keys; a multiple of the keys enqueued per step (global "
-                        "batch, x2 with --symmetric) (default: 4096 small / 65536 large)")
+                        "batch, x2 with --symmetric), smaller than the training set (default: 4096 small / 65536 "
+                        "large, at most a tenth of the training images, rounded down to a multiple of the keys per "
+                        "step)")
+    p.add_argument("--force-queue", action="store_true",
+                   help="accept a --moco-k at or above the number of training images (each query then meets older "
+                        "keys of its own image among its negatives)")
     p.add_argument("--moco-m", type=float, default=None,
                    help="key encoder momentum m in [0, 1): theta_k <- m theta_k + (1 - m) theta_q every step; 0 = the "
                         "key encoder is the query encoder (default: 0.99 small / 0.999 large)")
@@ -63,6 +69,9 @@ def add_moco_args(p):
     p.add_argument("--crop-min-scale", type=float, default=0.2,
                    help="smallest crop area fraction of the random resized crop")
     p.add_argument("--blur-prob", type=float, default=0.5, help="probability of the Gaussian blur")
+    p.add_argument("--knn-features", default="backbone", choices=["backbone", "head"],
+                   help="what the kNN monitor reads: the backbone's h (kept after training) or the query network's "
+                        "projection-head output (the reference CIFAR-10 demo's monitor)")
 
 
 def get_args(argv=None):
@@ -76,12 +85,25 @@ def get_args(argv=None):
     return p, p.parse_args(argv)
 
 
-def resolve_defaults(args, img_size, world):
-    """Defaults that depend on the image size (below 96 px: the CIFAR-10 demo's; else the ImageNet code's) or on
-    torchrun, written into args (so the checkpoint keeps them)."""
+def keys_per_step(batch_size, symmetric):
+    """Keys enqueued per step: the global batch (under torchrun every rank's), twice with --symmetric."""
+    return batch_size * (2 if symmetric else 1)
+
+
+def default_queue_size(img_size, n_train, per_step):
+    """K: the CIFAR-10 demo's 4096 below 96 px, the ImageNet code's 65536 from 96 px, but at most a tenth of the
+    n_train training images (the paper's K is 5% of ImageNet's 1.28M, the demo's 8% of CIFAR-10's 50k: a query
+    rarely meets a key of its own image), rounded down to a multiple of the keys per step (at least one step's)."""
+    K = min(4096 if img_size < 96 else 65536, n_train // 10)
+    return max(per_step, K // per_step * per_step)
+
+
+def resolve_defaults(args, img_size, world, n_train):
+    """Defaults that depend on the image size (below 96 px: the CIFAR-10 demo's; else the ImageNet code's), the
+    number of training images or torchrun, written into args (so the checkpoint keeps them)."""
     small = img_size < 96
     if args.moco_k is None:
-        args.moco_k = 4096 if small else 65536
+        args.moco_k = default_queue_size(img_size, n_train, keys_per_step(args.batch_size, args.symmetric))
     if args.moco_m is None:
         args.moco_m = 0.99 if small else 0.999
     if args.weight_decay is None:
@@ -111,14 +133,19 @@ def check_args(args):
         common.fail(f"--moco-dim must be >= 1 (got {args.moco_dim})")
 
 
-def check_sizes(K, batch_size, symmetric, bn_splits, world):
-    """The queue takes whole batches of keys; every process's batch splits into equal BatchNorm sub-batches."""
-    per_step = batch_size * (2 if symmetric else 1)
+def check_sizes(K, batch_size, symmetric, bn_splits, world, n_train, force_queue=False):
+    """The queue takes whole batches of keys and is smaller than the training set (unless forced); every process's
+    batch splits into equal BatchNorm sub-batches."""
+    per_step = keys_per_step(batch_size, symmetric)
     if K % per_step:
         common.fail(f"--moco-k {K} must be a multiple of the {per_step} keys enqueued per step (global batch "
                     f"{batch_size}{' x 2 with --symmetric' if symmetric else ''})")
     if (batch_size // world) % bn_splits:
         common.fail(f"--bn-splits {bn_splits} must divide the batch of each process ({batch_size // world} images)")
+    if K >= n_train and not force_queue:
+        common.fail(f"--moco-k {K} is not smaller than the {n_train} training images: each query would meet older "
+                    f"keys of its own image among its negatives; use a smaller --moco-k (or --batch-size) or add "
+                    f"--force-queue")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -310,13 +337,15 @@ def main(argv=None):
     loader = common.make_loader(data.train, args.batch_size // world, shuffle=True, drop_last=True,
                                 workers=args.workers, seed=args.seed, rank=rank, world=world)
     steps_per_epoch = len(loader)
-    resolve_defaults(args, data.img_size, world)
-    check_sizes(args.moco_k, args.batch_size, args.symmetric, args.bn_splits, world)
+    resolve_defaults(args, data.img_size, world, len(data.train))
+    check_sizes(args.moco_k, args.batch_size, args.symmetric, args.bn_splits, world, len(data.train),
+                args.force_queue)
     log.print(f"{data.name}: {len(data.train)} training images at {data.img_size}px, kNN on {len(data.memory)} "
               f"labelled / {len(data.test)} test images, {data.num_classes} classes; device {device} "
-              f"({autocast.dtype or torch.float32}, {memory_format}), {world} process(es); queue K {args.moco_k}, "
+              f"({autocast.dtype or torch.float32}, {memory_format}), {world} process(es); queue K {args.moco_k} "
+              f"({100 * args.moco_k / len(data.train):.1f}% of the training images), "
               f"momentum m {args.moco_m}, tau {args.temperature}, BatchNorm splits {args.bn_splits}, weight decay "
-              f"{args.weight_decay}; run folder {out}")
+              f"{args.weight_decay}; kNN monitor on the {args.knn_features} features; run folder {out}")
 
     # --- model, key encoder, queue, optimizer, schedule ---
     bb_kwargs = common.backbone_kwargs(args, data.img_size)
@@ -364,8 +393,9 @@ def main(argv=None):
         metrics = {"epoch": epoch + 1, "loss": sums["loss"] / steps_per_epoch,
                    "instance_acc": sums["acc"] / steps_per_epoch, "lr": scheduler.get_last_lr()[0],
                    "img_per_s": steps_per_epoch * args.batch_size / (time.time() - t_epoch)}
-        if rank == 0 and common.knn_epoch(epoch, args):
-            knn_top1 = metrics["knn_top1"] = common.knn_monitor(model.encoder, data, device, args.knn_k,
+        if rank == 0 and common.knn_epoch(epoch, args):  # --knn-features head: f then g, as the demo's monitor
+            monitored = model.encoder if args.knn_features == "backbone" else model
+            knn_top1 = metrics["knn_top1"] = common.knn_monitor(monitored, data, device, args.knn_k,
                                                                 args.knn_temperature, autocast, args.workers)
         log.epoch(**metrics)
         common.save_training_checkpoint(
@@ -379,8 +409,8 @@ def main(argv=None):
     return common.finish(out, rank, world, log, {
         "method": METHOD, "data": args.data, "epochs": args.epochs, "knn_top1": knn_top1,
         "img_per_s": log.images / wall if log.images else None, "wall_time_s": wall, "device": str(device),
-        "precision": str(autocast.dtype or torch.float32), "world_size": world, "seed": args.seed,
-        "checkpoint": os.path.join(out, "last.pt")})
+        "knn_features": args.knn_features, "precision": str(autocast.dtype or torch.float32), "world_size": world,
+        "seed": args.seed, "checkpoint": os.path.join(out, "last.pt")})
 
 
 if __name__ == "__main__":
