@@ -9,8 +9,8 @@ is kept; the rotation head is thrown away after training. docs/rotnet.md has the
     python rotnet.py --data shapes --shapes-n 1000 500 --width 8 --epochs 6 --batch-size 16 --lr 0.05 \\
         --schedule cosine --device cpu                     # offline quick start (AlexNet), ~35 s on one CPU core
     python rotnet.py --data cifar10 --width 8 --epochs 10 --schedule cosine --device cpu   # CIFAR-10 on a CPU
-    python rotnet.py --data cifar10 --epochs 100           # GPU: the paper's CIFAR-10 recipe on an AlexNet
-    torchrun --nproc_per_node=4 rotnet.py --data imagenette --epochs 50 --batch-size 512   # 4 GPUs, one global batch
+    python rotnet.py --data cifar10 --backbone nin         # GPU: the paper's CIFAR-10 recipe and network (NIN)
+    torchrun --nproc_per_node=4 rotnet.py --data imagenette --batch-size 192  # 4 GPUs: the ImageNet recipe (AlexNet)
 """
 import argparse
 import os
@@ -25,34 +25,52 @@ from common import light_augment, normalize, to_float, warmup_cosine
 
 METHOD = "rotnet"
 ROTATIONS = 4  # 0, 90, 180, 270 degrees
+# The reference's recipes (its LUT_lr tables as a start lr, a decay factor and the epochs where the lr drops): below
+# 96 px CIFAR-10's (CIFAR10_RotNet_NIN4blocks: 0.1, x0.2 after epochs 60, 120, 160 of 200; the paper: 30, 60, 80 of
+# 100), from 96 px ImageNet's (ImageNet_RotNet_AlexNet: 0.01, x0.1 after epochs 15, 30, 45 of 50).
+RECIPES = {"small": {"epochs": 100, "lr": 0.1, "lr_decay": 0.2, "milestones": [0.3, 0.6, 0.8]},
+           "large": {"epochs": 50, "lr": 0.01, "lr_decay": 0.1, "milestones": [0.3, 0.6, 0.9]}}
 
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="RotNet pre-training (predict the rotation) with a weighted-kNN monitor",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--epochs", type=int, default=100, help="training epochs")
+    p.add_argument("--epochs", type=int, default=None, help="training epochs (default: 100 small / 50 large)")
     p.add_argument("--batch-size", type=int, default=128,
                    help="global batch size in images (split over torchrun ranks); the network sees 4x as many, "
                         "every image in its four rotations")
-    p.add_argument("--lr", type=float, default=0.1, help="SGD learning rate (not scaled with the batch size)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="SGD learning rate, not scaled with the batch size (default: 0.1 small / 0.01 large)")
     p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (Nesterov, as the reference code)")
     p.add_argument("--weight-decay", type=float, default=5e-4, help="weight decay, on every parameter")
     p.add_argument("--schedule", default="step", choices=["step", "cosine"],
                    help="step: lr x --lr-decay after each of --milestones (paper); cosine: cosine decay to 0")
-    p.add_argument("--milestones", type=float, nargs="+", default=[0.3, 0.6, 0.8],
-                   help="step schedule: fractions of --epochs after which the lr drops")
-    p.add_argument("--lr-decay", type=float, default=0.2, help="step schedule: lr factor at each milestone")
+    p.add_argument("--milestones", type=float, nargs="+", default=None,
+                   help="step schedule: fractions of --epochs after which the lr drops (default: 0.3 0.6 0.8 small / "
+                        "0.3 0.6 0.9 large)")
+    p.add_argument("--lr-decay", type=float, default=None,
+                   help="step schedule: lr factor at each milestone (default: 0.2 small / 0.1 large)")
     common.add_knn_args(p)
     common.add_common_args(p, backbone="alexnet", sobel=False)  # the paper's AlexNet sees RGB (--sobel: edges)
     return p, p.parse_args(argv)
 
 
+def resolve_defaults(args, img_size):
+    """The recipe's values of the flags not given: RECIPES["small"] below 96 px, RECIPES["large"] from 96 px,
+    written into args (so the checkpoint keeps them)."""
+    for k, v in RECIPES["small" if img_size < 96 else "large"].items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+
+
 def check_args(args):
-    if args.epochs < 1 or args.batch_size < 2:
+    """The given flags (None: the recipe's default, set later by resolve_defaults)."""
+    if (args.epochs is not None and args.epochs < 1) or args.batch_size < 2:
         common.fail(f"--epochs must be >= 1 and --batch-size >= 2 (got {args.epochs}, {args.batch_size})")
-    if args.lr <= 0 or args.weight_decay < 0:
+    if (args.lr is not None and args.lr <= 0) or args.weight_decay < 0:
         common.fail(f"--lr must be > 0 and --weight-decay >= 0 (got {args.lr}, {args.weight_decay})")
-    if not all(0 < m < 1 for m in args.milestones) or not 0 < args.lr_decay <= 1:
+    if (args.milestones is not None and not all(0 < m < 1 for m in args.milestones)) or \
+            (args.lr_decay is not None and not 0 < args.lr_decay <= 1):
         common.fail(f"--milestones must be fractions of the run in (0, 1) and --lr-decay in (0, 1] "
                     f"(got {args.milestones}, {args.lr_decay})")
 
@@ -82,7 +100,8 @@ def rotate_batch(x):
 # ----------------------------------------------------------------------------------------------------------------
 class RotNet(nn.Module):
     """Rotation scores = W ReLU(f(x)) + b: one linear layer on the encoder's features (AlexNet's fc7 after its
-    ReLU, as the reference's AlexNet; a ResNet's pooled features are non-negative already)."""
+    ReLU, as the reference's AlexNet; the pooled features of a ResNet or of the NIN, whose classifier is this linear
+    layer on the global average of block 4 in the reference, are non-negative already)."""
     def __init__(self, encoder):
         super().__init__()
         self.encoder = encoder
@@ -131,7 +150,8 @@ def rotation_accuracy(model, split, device, autocast, batch_size=256):
 def lr_factor(step, steps_per_epoch, epochs, schedule="step", milestones=(0.3, 0.6, 0.8), decay=0.2):
     """Learning-rate factor at optimiser step `step`. step: decay ** (milestones passed), the milestones being
     fractions of the run rounded to whole epochs (the paper's CIFAR-10 schedule: x0.2 after epochs 30, 60 and 80
-    of 100); cosine: common.warmup_cosine without warm-up, per step."""
+    of 100; the reference's ImageNet table: x0.1 after 15, 30 and 45 of 50); cosine: common.warmup_cosine without
+    warm-up, per step."""
     if schedule == "cosine":
         return warmup_cosine(step, epochs * steps_per_epoch, 0)
     epoch = step // steps_per_epoch
@@ -175,10 +195,13 @@ def main(argv=None):
     loader = common.make_loader(data.train, args.batch_size // world, shuffle=True, drop_last=True,
                                 workers=args.workers, seed=args.seed, rank=rank, world=world)
     steps_per_epoch = len(loader)
+    resolve_defaults(args, data.img_size)
     log.print(f"{data.name}: {len(data.train)} training images at {data.img_size}px (x4 rotations), kNN on "
               f"{len(data.memory)} labelled / {len(data.test)} test images, {data.num_classes} classes; device "
-              f"{device} ({autocast.dtype or torch.float32}, {memory_format}), {world} process(es); {args.schedule} "
-              f"schedule; run folder {out}")
+              f"{device} ({autocast.dtype or torch.float32}, {memory_format}), {world} process(es); {args.epochs} "
+              f"epochs, lr {args.lr}, {args.schedule} schedule"
+              f"{f' (x{args.lr_decay} after {args.milestones} of the run)' if args.schedule == 'step' else ''}; "
+              f"run folder {out}")
 
     # --- model, optimizer, schedule ---
     bb_kwargs = common.backbone_kwargs(args, data.img_size)
