@@ -6,14 +6,15 @@ No negatives: an online network (encoder f, projector g, predictor q) predicts t
 weights are an exponential moving average (EMA) of the online ones. The representation h = f(x) of the online encoder
 is kept. A collapse monitor (the spread of the online projections, ~1 spread out, 0 when every image gets the same
 projection) is logged every epoch, and --no-predictor, --ema 0 and --no-bn each take away one piece that is said to
-prevent collapse. docs/byol.md has the details and the collapse study.
+prevent collapse. lr (LARS), weight decay and tau_base default to the reference's preset of the nearest epoch count
+(40, 100, 300 or 1000). docs/byol.md has the details and the collapse study.
 
     python byol.py --data shapes --shapes-n 1000 500 --width 4 --batch-size 32 --epochs 12 --optimizer sgd \
         --lr 0.4 --weight-decay 1e-3 --crop-min-scale 0.2 --device cpu      # offline, a few minutes on a CPU
     python byol.py --data shapes --shapes-n 1000 500 --width 4 --batch-size 32 --epochs 12 --optimizer sgd \
         --lr 0.4 --weight-decay 1e-3 --crop-min-scale 0.2 --device cpu --no-predictor   # watch collapse_std fall
     python byol.py --data cifar10 --epochs 1000 --batch-size 256 --lr 1.0 --weight-decay 1e-5 --ema 0.99  # GPU
-    torchrun --nproc_per_node=4 byol.py --data imagenette --epochs 300        # 4 GPUs, one global batch
+    torchrun --nproc_per_node=4 byol.py --data imagenette --epochs 300        # 4 GPUs, the 300-epoch preset
 """
 import argparse
 import copy
@@ -30,27 +31,33 @@ from common import (color_jitter, gaussian_blur, normalize, random_flip, random_
                     to_float, warmup_cosine)
 
 METHOD = "byol"
-BASE_LR = {"lars": 0.2, "sgd": 0.4, "adamw": 1e-3}  # --lr default of each --optimizer, per 256 images
+# The reference's presets (byol/configs/byol.py), per number of epochs: LARS lr per 256 images, weight decay, tau_base.
+PRESETS = {40: dict(lr=0.45, weight_decay=1e-6, ema=0.97), 100: dict(lr=0.45, weight_decay=1e-6, ema=0.99),
+           300: dict(lr=0.3, weight_decay=1e-6, ema=0.99), 1000: dict(lr=0.2, weight_decay=1.5e-6, ema=0.996)}
+BASE_LR = {"sgd": 0.4, "adamw": 1e-3}  # --lr default of the other optimizers, per 256 images (lars: the preset's)
 
 
 def add_byol_args(p):
     """BYOL's method flags."""
-    p.add_argument("--optimizer", default="lars", choices=list(BASE_LR), help="optimizer")
+    p.add_argument("--optimizer", default="lars", choices=["lars", *BASE_LR], help="optimizer")
     p.add_argument("--lr", type=float, default=None,
-                   help=f"base learning rate per 256 images, scaled by batch-size/256 (default: by --optimizer, "
-                        f"{BASE_LR})")
-    p.add_argument("--weight-decay", type=float, default=1.5e-6, help="weight decay (not on biases and BatchNorm)")
+                   help=f"base learning rate per 256 images, scaled by batch-size/256 (default: lars the preset's "
+                        f"of --epochs, else {BASE_LR})")
+    p.add_argument("--weight-decay", type=float, default=None,
+                   help="weight decay, not on biases and BatchNorm (default: the preset's of --epochs)")
     p.add_argument("--warmup-epochs", type=float, default=None,
                    help="linear warm-up epochs, then cosine decay (default: 10, at most 10%% of --epochs)")
-    p.add_argument("--ema", type=float, default=0.996,
+    p.add_argument("--ema", type=float, default=None,
                    help="tau_base of the target EMA; tau rises from it to 1 over the run (cosine). 0: no EMA, the "
-                        "target is a copy of the online network at every step")
+                        "target is a copy of the online network at every step (default: the preset's of --epochs)")
     p.add_argument("--proj-hidden", type=int, default=None,
                    help="hidden size of projector and predictor (default: min(4096, 8 x the encoder's feature size))")
     p.add_argument("--proj-dim", type=int, default=None,
                    help="output size of projector and predictor (default: min(256, feature size / 2))")
     p.add_argument("--no-predictor", action="store_true", help="collapse study: no predictor (p = z)")
     p.add_argument("--no-bn", action="store_true", help="collapse study: no BatchNorm in projector and predictor")
+    p.add_argument("--head-bias", action="store_true",
+                   help="collapse study: a bias in the last Linear of projector and predictor (the reference has none)")
     p.add_argument("--crop-min-scale", type=float, default=0.08,
                    help="smallest crop area fraction of the random resized crop (paper: 0.08)")
 
@@ -66,16 +73,45 @@ def get_args(argv=None):
     return p, p.parse_args(argv)
 
 
-def resolve_defaults(args):
-    """Defaults that depend on the run length, written into args (so the checkpoint keeps them)."""
+def nearest_preset(epochs):
+    """The reference's preset for a run of `epochs`: the one of the nearest epoch count (the shorter on a tie)."""
+    return min(PRESETS, key=lambda e: (abs(e - epochs), e))
+
+
+def resolve_defaults(args, resumed=False):
+    """Defaults that depend on the run length, written into args (so the checkpoint keeps them): lr (LARS), weight
+    decay and tau_base from the reference's preset of the nearest epoch count, each unless given. Returns a line
+    that says which preset and which flags were given (on --resume: the checkpoint's values are kept)."""
     if args.warmup_epochs is None:
         args.warmup_epochs = common.default_warmup_epochs(args.epochs)
+    args.preset_epochs = getattr(args, "preset_epochs", None) or nearest_preset(args.epochs)  # a checkpoint's kept
+    preset = PRESETS[args.preset_epochs]
+    given = ", ".join(f"--{k.replace('_', '-')}" for k in ("lr", "weight_decay", "ema") if getattr(args, k) is not None)
+    if args.lr is None:
+        args.lr = preset["lr"] if args.optimizer == "lars" else BASE_LR[args.optimizer]
+    if args.weight_decay is None:
+        args.weight_decay = preset["weight_decay"]
+    if args.ema is None:
+        args.ema = preset["ema"]
+    return (f"the reference's {args.preset_epochs}-epoch preset"
+            + ("" if resumed else f" (nearest to --epochs {args.epochs})")
+            + f": lr {args.lr:g} ({args.optimizer}), weight decay {args.weight_decay:g}, tau_base {args.ema:g}"
+            + (" (kept from the checkpoint)" if resumed else f" ({given} given)" if given else ""))
+
+
+def upgrade_checkpoint_args(args, saved):
+    """--resume from a checkpoint written before the presets and the bias-free heads (its args have no
+    preset_epochs): there --lr None meant LARS lr 0.2 whatever --epochs, and the heads' last Linear had a bias."""
+    if "preset_epochs" not in saved:
+        if args.lr is None and args.optimizer == "lars":
+            args.lr = 0.2
+        args.head_bias = True
 
 
 def check_args(args):
     if args.epochs < 1 or args.batch_size < 2:
         common.fail(f"--epochs must be >= 1 and --batch-size >= 2 (got {args.epochs}, {args.batch_size})")
-    if not 0 <= args.ema <= 1:
+    if args.ema is not None and not 0 <= args.ema <= 1:
         common.fail(f"--ema must be in [0, 1] (got {args.ema})")
     if not 0 < args.crop_min_scale <= 1:
         common.fail(f"--crop-min-scale must be in (0, 1] (got {args.crop_min_scale})")
@@ -116,20 +152,21 @@ def head_sizes(feature_dim, hidden=None, out=None):
 
 
 class MLP(nn.Sequential):
-    """Linear - BatchNorm - ReLU - Linear (the paper's projector and predictor); --no-bn drops the BatchNorm."""
-    def __init__(self, in_dim, hidden_dim, out_dim, bn=True):
+    """Linear - BatchNorm - ReLU - Linear without a bias (the paper's projector and predictor; the reference's `MLP`
+    ends in hk.Linear(with_bias=False)). --no-bn drops the BatchNorm, --head-bias (last_bias) adds the bias."""
+    def __init__(self, in_dim, hidden_dim, out_dim, bn=True, last_bias=False):
         super().__init__(nn.Linear(in_dim, hidden_dim), *([nn.BatchNorm1d(hidden_dim)] if bn else []),
-                         nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim))
+                         nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim, bias=last_bias))
 
 
 class BYOL(nn.Module):
     """The online network. forward(x1, x2) -> (z1, z2, p1, p2): projections and predictions of both views, each
     view a batch of its own (BatchNorm statistics per view, as the reference code)."""
-    def __init__(self, encoder, proj_hidden, proj_dim, predictor=True, bn=True):
+    def __init__(self, encoder, proj_hidden, proj_dim, predictor=True, bn=True, head_bias=False):
         super().__init__()
         self.encoder = encoder
-        self.projector = MLP(encoder.feature_dim, proj_hidden, proj_dim, bn)
-        self.predictor = MLP(proj_dim, proj_hidden, proj_dim, bn) if predictor else nn.Identity()
+        self.projector = MLP(encoder.feature_dim, proj_hidden, proj_dim, bn, head_bias)
+        self.predictor = MLP(proj_dim, proj_hidden, proj_dim, bn, head_bias) if predictor else nn.Identity()
 
     def forward(self, x1, x2):
         z1, z2 = self.projector(self.encoder(x1)), self.projector(self.encoder(x2))
@@ -222,25 +259,28 @@ def main(argv=None):
     loader = common.make_loader(data.train, args.batch_size // world, shuffle=True, drop_last=True,
                                 workers=args.workers, seed=args.seed, rank=rank, world=world)
     steps_per_epoch = len(loader)
-    resolve_defaults(args)
+    if ckpt:
+        upgrade_checkpoint_args(args, ckpt["args"])
+    recipe = resolve_defaults(args, resumed=ckpt is not None)
     log.print(f"{data.name}: {len(data.train)} training images at {data.img_size}px, kNN on {len(data.memory)} "
               f"labelled / {len(data.test)} test images, {data.num_classes} classes; device {device} "
-              f"({autocast.dtype or torch.float32}, {memory_format}), {world} process(es); warm-up "
+              f"({autocast.dtype or torch.float32}, {memory_format}), {world} process(es); {recipe}; warm-up "
               f"{args.warmup_epochs:g} epochs; run folder {out}")
 
     # --- model, target, optimizer, schedule ---
     bb_kwargs = common.backbone_kwargs(args, data.img_size)
     encoder = common.build_backbone(args.backbone, **bb_kwargs)
     args.proj_hidden, args.proj_dim = head_sizes(encoder.feature_dim, args.proj_hidden, args.proj_dim)
-    model = BYOL(encoder, args.proj_hidden, args.proj_dim, predictor=not args.no_predictor, bn=not args.no_bn)
+    model = BYOL(encoder, args.proj_hidden, args.proj_dim, predictor=not args.no_predictor, bn=not args.no_bn,
+                 head_bias=args.head_bias)
     if world > 1:
         model = common.convert_sync_batchnorm(model, device)
     model = model.to(device, memory_format=memory_format)
     target = make_target(model)
     h, d = args.proj_hidden, args.proj_dim
     log.print(f"projector {encoder.feature_dim}-{h}-{d}, predictor {'none' if args.no_predictor else f'{d}-{h}-{d}'}, "
-              f"BatchNorm in the heads: {not args.no_bn}, EMA tau_base {args.ema:g}")
-    lr = common.scaled_lr(args.lr, args.batch_size, BASE_LR, args.optimizer)
+              f"BatchNorm in the heads: {not args.no_bn}, bias in their last Linear: {args.head_bias}")
+    lr = common.scaled_lr(args.lr, args.batch_size)
     optimizer = common.make_optimizer(args.optimizer, common.param_groups(model, args.weight_decay), lr)
     total_steps, warmup_steps = args.epochs * steps_per_epoch, int(args.warmup_epochs * steps_per_epoch)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, total_steps, warmup_steps))
