@@ -9,8 +9,8 @@ Sections, in order:
                           each method composes its own recipe from these blocks in its own file
   5. backbones         -- torchvision ResNet-18/34/50 (with a small-image stem and a width option) and the
                           DeepCluster AlexNet (BatchNorm, optional Sobel input), RotNet's Network-In-Network, a
-                          ViT-Tiny (torchvision's VisionTransformer, any input size); each returns h and has
-                          .feature_dim
+                          ViT-Tiny (torchvision's VisionTransformer, any input size), the context encoder's stack of
+                          stride-2 convs; each returns h and has .feature_dim
   6. checkpoints, logs -- one checkpoint format, atomic writes, `load_encoder`, progress/ETA, metrics.jsonl, curves.png
   7. optimisation      -- LARS, parameter groups without decay on biases and BatchNorm, the optimiser choice,
                           learning-rate scaling with the batch, warm-up then cosine decay
@@ -768,8 +768,10 @@ class Sobel(nn.Module):
 class AlexNet(nn.Module):
     """DeepCluster's AlexNet: conv 96-256-384-384-256 (x width/64), BatchNorm after each conv, fc 4096-4096
     (x width/64). forward returns fc7 before its ReLU (what DeepCluster clusters). For images <= 64 px the
-    first conv is 5x5/stride 1 and the three max-pools are 2x2; `conv_features` returns each conv's ReLU output."""
-    def __init__(self, width=64, sobel=True, small=False):
+    first conv is 5x5/stride 1 and the three max-pools are 2x2; `conv_features` returns each conv's ReLU output.
+    head=False: no fc layers, forward returns pool5 (after the adaptive average pool) flattened (context_encoder.py,
+    whose decoder reads pool5 as the paper's)."""
+    def __init__(self, width=64, sobel=True, small=False, head=True):
         super().__init__()
         c = [max(1, round(k * width / 64)) for k in (96, 256, 384, 384, 256)]
         fc = max(1, round(4096 * width / 64))
@@ -783,8 +785,9 @@ class AlexNet(nn.Module):
         self.pools = nn.ModuleList([pool(), pool(), nn.Identity(), nn.Identity(), pool()])
         self.avgpool = nn.AdaptiveAvgPool2d(4 if small else 6)
         self.classifier = nn.Sequential(nn.Dropout(0.5), nn.Linear(c[4] * (16 if small else 36), fc),
-                                        nn.ReLU(inplace=True), nn.Dropout(0.5), nn.Linear(fc, fc))
-        self.feature_dim = fc
+                                        nn.ReLU(inplace=True), nn.Dropout(0.5), nn.Linear(fc, fc)) if head else \
+            nn.Identity()
+        self.feature_dim = fc if head else c[4] * (16 if small else 36)
         for m in self.modules():  # DeepCluster's initialisation
             if isinstance(m, nn.Conv2d) and m.weight.requires_grad:
                 nn.init.normal_(m.weight, 0, math.sqrt(2.0 / (m.kernel_size[0] * m.kernel_size[1] * m.out_channels)))
@@ -911,7 +914,41 @@ class PatchGridEncoder(nn.Module):
         return z.view(*p.shape[:3], -1).mean((1, 2))
 
 
-BACKBONES = {"resnet18": 18, "resnet34": 34, "resnet50": 50, "alexnet": None, "nin": None, "vit_tiny": None}
+class ConvStack(nn.Module):
+    """The context encoder's encoder (Pathak et al. 2016's reference code, the CS294-158 demo): 4x4 convs of stride 2,
+    each followed by BatchNorm and LeakyReLU(0.2), halve the image down to 4x4 (five at 128 px: 64, 64, 128, 256, 512
+    channels x width/64; on smaller images the last ones of that list: 128, 256, 512 at 32 px), then one conv over the
+    whole remaining map gives a code_dim-channel 1x1 map, the code (default: the demo's 4,000, x width/64). forward
+    returns the code (N, code_dim). Initialised as the reference (DCGAN's): conv weights N(0, 0.02), BatchNorm
+    weights N(1, 0.02)."""
+    def __init__(self, width=64, img_size=128, code_dim=None):
+        super().__init__()
+        sizes = [img_size]
+        while sizes[-1] > 4:
+            sizes.append(sizes[-1] // 2)  # a 4x4 conv with stride 2 and padding 1 halves (floor) the side
+        n = len(sizes) - 1
+        mult = [1] * max(0, n - 4) + [1, 2, 4, 8]
+        chans = [3] + [max(1, round(m * width)) for m in mult[len(mult) - n:]]
+        self.convs = nn.Sequential(*[m for i in range(n) for m in (
+            nn.Conv2d(chans[i], chans[i + 1], 4, 2, 1, bias=False), nn.BatchNorm2d(chans[i + 1]),
+            nn.LeakyReLU(0.2, inplace=True))])
+        self.feature_dim = code_dim or max(1, round(4000 * width / 64))
+        self.code = nn.Conv2d(chans[-1], self.feature_dim, sizes[-1])  # (N, C, s, s) -> (N, code_dim, 1, 1)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.normal_(m.weight, 0, 0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.normal_(m.weight, 1, 0.02)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x):
+        return self.code(self.convs(x)).flatten(1)
+
+
+BACKBONES = {"resnet18": 18, "resnet34": 34, "resnet50": 50, "alexnet": None, "nin": None, "vit_tiny": None,
+             "conv_stack": None}
 
 
 def backbone_kwargs(args, img_size):
@@ -922,6 +959,9 @@ def backbone_kwargs(args, img_size):
         return {"width": args.width, "small": img_size <= 64}
     if args.backbone == "vit_tiny":
         return {"img_size": img_size, "patch_size": vit_patch_size(img_size)}
+    if args.backbone == "conv_stack":
+        return {"width": args.width, "img_size": img_size, "code_dim": getattr(args, "code_dim", None)
+                or max(1, round(4000 * args.width / 64))}
     return {"width": args.width, "small_stem": img_size <= 64}
 
 
@@ -934,6 +974,8 @@ def build_backbone(name, **kwargs):
         fail(f"--width must be positive, got {kwargs['width']}")
     if name == "vit_tiny":
         return ViT(**kwargs)
+    if name == "conv_stack":
+        return ConvStack(**kwargs)
     if name == "nin":
         return NIN(**kwargs)
     return AlexNet(**kwargs) if name == "alexnet" else ResNet(BACKBONES[name], **kwargs)

@@ -19,6 +19,7 @@ folder, or the .png file itself).
     deepcluster-nmi      NMI of consecutive clusterings and of clusters and labels per epoch (DeepCluster, Fig. 2),
                          from a deepcluster.py run's metrics.jsonl
     rotnet-per-class     held-out rotation accuracy per class, from a rotnet.py run's summary.json
+    inpaint              a context_encoder.py checkpoint: corrupted images, what it paints, the originals
     imagenet-mnist-bars  the kNN errors of each setting, from an imagenet_mnist.py run's table.json
 
 A layer of `--layer` is a numbered stage of the encoder, each seen after its ReLU: AlexNet conv1 ... conv5;
@@ -34,6 +35,7 @@ ReLU output averaged over space.
     python visualize.py attention --ckpt runs/dino-cifar10/last.pt --n 4               # a vit_tiny checkpoint
     python visualize.py cpc-grid --data data/cifar10 --out docs/cpc/grid.png           # the first test image
     python visualize.py deepcluster-nmi --run runs/deepcluster-cifar10 --out runs/deepcluster-cifar10/nmi.png
+    python visualize.py inpaint --ckpt runs/context_encoder-cifar10/last.pt --n 8      # a context encoder's painting
 
 docs/visualize.md shows each figure with the command that made it.
 """
@@ -53,6 +55,7 @@ from torchvision.transforms.functional import gaussian_blur
 
 import byol
 import common
+import context_encoder
 import cpc
 import deepcluster
 import dino
@@ -155,6 +158,12 @@ def get_args(argv=None):
                    "(metrics.jsonl)")
     sub.add_parser("rotnet-per-class", parents=[out, run_files], help="held-out rotation accuracy per class of a "
                    "rotnet.py run (summary.json)")
+    s = sub.add_parser("inpaint", parents=[out, run, model, data],
+                       help="context_encoder.py checkpoint: corrupted images, the painting, the originals")
+    s.add_argument("--n", type=int, default=8, help="number of images (a seeded random subset of the split)")
+    s.add_argument("--mask", default=None, choices=context_encoder.MASKS,
+                   help="the corruption (default: the checkpoint's; block, region and noise can stand in for each "
+                        "other, center only for center: its decoder paints the centre)")
     sub.add_parser("imagenet-mnist-bars", parents=[out, run_files], help="kNN errors per setting of an "
                    "imagenet_mnist.py run (table.json)")
     return p, p.parse_args(argv)
@@ -831,6 +840,42 @@ def cmd_rotnet_per_class(args, device):
     return save(plt, fig, args.out, "rotnet-per-class.png")
 
 
+def cmd_inpaint(args, device):
+    """docs/context_encoder.md's figure: --n images of the split corrupted as in training (or by --mask), the
+    context encoder's painting pasted into the hidden pixels, and the originals, one row each."""
+    ckpt = common.load_checkpoint(args.ckpt)
+    if ckpt.get("method") != context_encoder.METHOD or "model" not in ckpt:
+        fail(f"{args.ckpt} is a {ckpt.get('method')} checkpoint; inpaint needs a context_encoder.py checkpoint "
+             f"(its decoder paints)")
+    if args.n < 1:
+        fail(f"--n must be at least 1, got {args.n}")
+    saved = argparse.Namespace(**ckpt["args"])
+    if args.mask and (args.mask == "center") != (saved.mask == "center"):
+        fail(f"--mask {args.mask}: this checkpoint was trained with --mask {saved.mask}, whose decoder paints "
+             f"{'the centre' if saved.mask == 'center' else 'the whole image'}")
+    saved.mask = args.mask or saved.mask
+    img_size = ckpt["img_size"]
+    torch.manual_seed(args.seed)
+    model, _ = context_encoder.build_model(saved, img_size)
+    if not args.random_init:
+        model.load_state_dict(ckpt["model"])
+    model = model.to(device).eval()
+    images, _, _ = load_images(args, ckpt, img_size, args.n)
+    x = normalize(to_float(images.to(device)))
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    xt, filled, pred, target, weight = context_encoder.inpaint(model, x, saved, gen)
+    loss = context_encoder.reconstruction_loss(pred, target, weight).item()
+    label = f"{ckpt.get('method')} {ckpt['backbone']['name']}" + (
+        " random init" if args.random_init else f" epoch {ckpt.get('epoch', '?')}")
+    n = len(images)
+    plt, fig = figure(1.2 + CELL * n, 0.7 + CELL * 3)
+    ax = fig.add_axes([0.9 / fig.get_figwidth(), 0.02, 1 - 1.0 / fig.get_figwidth(), 1 - 0.7 / fig.get_figheight()])
+    shown = torch.cat([denormalize(t).clamp(0, 1).cpu() for t in (xt, filled, x)])
+    show_montage(ax, shown, n, ["corrupted", "painted", "original"],
+                 f"{label}: --mask {saved.mask}, L_rec {loss:.3f} on these {n}")
+    return save(plt, fig, args.out, "inpaint.png")
+
+
 def cmd_imagenet_mnist_bars(args, device):
     """The digit and background kNN errors of each setting (and random init) of imagenet_mnist.py's table.json."""
     table = read_run_json(args.run, "table.json")
@@ -855,7 +900,8 @@ def cmd_imagenet_mnist_bars(args, device):
 COMMANDS = {"filters": cmd_filters, "top-images": cmd_top_images, "maximize": cmd_maximize, "views": cmd_views,
             "augment": cmd_augment, "curves": cmd_curves, "fewshot": cmd_fewshot, "embedding": cmd_embedding,
             "attention": cmd_attention, "cpc-grid": cmd_cpc_grid, "deepcluster-nmi": cmd_deepcluster_nmi,
-            "rotnet-per-class": cmd_rotnet_per_class, "imagenet-mnist-bars": cmd_imagenet_mnist_bars}
+            "rotnet-per-class": cmd_rotnet_per_class, "imagenet-mnist-bars": cmd_imagenet_mnist_bars,
+            "inpaint": cmd_inpaint}
 
 
 def main(argv=None):
