@@ -7,13 +7,15 @@ the student's. The teacher sees only two large "global" crops of an image, the s
 "local" crops (multi-crop), so the student learns to predict from a part what the teacher sees in the whole.
 Centering (subtract a running mean of the teacher's outputs) and sharpening (a low teacher temperature) keep the
 teacher's output from collapsing to one dimension or to the uniform distribution. The teacher's encoder is kept.
-docs/dino.md has the details.
+Optimiser, weight decay, crop scales and teacher temperature follow the backbone: the paper's recipe for the ViT,
+the reference README's convnet line for ResNet and AlexNet (RECIPES). docs/dino.md has the details.
 
     python dino.py --data shapes --shapes-n 1000 500 --width 4 --epochs 6 --batch-size 64 --local-crops 2 \\
-        --out-dim 256 --head-hidden 256 --bottleneck 64 --lr 2e-2 --momentum-teacher 0.9 --teacher-temp 0.04 \\
-        --device cpu                                                     # offline, under a minute on a CPU
-    python dino.py --data cifar10 --width 8 --epochs 4 --batch-size 256 --local-crops 2 --momentum-teacher 0.99 \\
-        --teacher-temp 0.04 --device cpu                                # CIFAR-10 in a ~30-minute CPU budget
+        --out-dim 256 --head-hidden 256 --bottleneck 64 --optimizer adamw --lr 2e-2 --weight-decay 0.04 \\
+        --weight-decay-end 0.4 --global-scale 0.4 1 --local-scale 0.05 0.4 --momentum-teacher 0.9 \\
+        --teacher-temp 0.04 --device cpu                                 # offline, under a minute on a CPU
+    python dino.py --data cifar10 --width 8 --epochs 2 --batch-size 256 --local-crops 2 --momentum-teacher 0.99 \\
+        --device cpu                    # CIFAR-10 on a CPU, the ResNet's default recipe (SGD): docs/dino.md, Results
     python dino.py --data cifar10 --backbone vit_tiny --epochs 300 --batch-size 256     # one GPU, ViT-Tiny/4
     torchrun --nproc_per_node=4 dino.py --data imagenette --backbone vit_tiny --epochs 100     # 4 GPUs
 """
@@ -33,6 +35,14 @@ from common import (color_jitter, gaussian_blur, normalize, random_flip, random_
                     to_float, warmup_cosine)
 
 METHOD = "dino"
+# Defaults that follow the backbone: the paper's ViT recipe, and the reference README's line for convnets (ResNet-50:
+# --optimizer sgd --lr 0.03 --weight_decay 1e-4 --weight_decay_end 1e-4 --global_crops_scale 0.14 1
+# --local_crops_scale 0.05 0.14, with main_dino.py's teacher temperature 0.04 and no temperature warm-up).
+RECIPES = {"vit": dict(optimizer="adamw", weight_decay=0.04, weight_decay_end=0.4, global_scale=[0.4, 1.0],
+                       local_scale=[0.05, 0.4], teacher_temp=0.07),
+           "convnet": dict(optimizer="sgd", weight_decay=1e-4, weight_decay_end=1e-4, global_scale=[0.14, 1.0],
+                           local_scale=[0.05, 0.14], teacher_temp=0.04)}
+BASE_LR = {"adamw": 5e-4, "sgd": 0.03, "lars": 0.03}  # --lr default of each --optimizer, per 256 images
 
 
 def get_args(argv=None):
@@ -40,11 +50,17 @@ def get_args(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--epochs", type=int, default=100, help="training epochs")
     p.add_argument("--batch-size", type=int, default=256, help="global batch size (split over torchrun ranks)")
-    p.add_argument("--lr", type=float, default=5e-4, help="AdamW learning rate per 256 images (x batch-size/256)")
+    p.add_argument("--optimizer", default=None, choices=list(BASE_LR),
+                   help="optimizer (default: adamw for the ViT, sgd for ResNet and AlexNet)")
+    p.add_argument("--lr", type=float, default=None,
+                   help=f"base learning rate per 256 images, scaled by batch-size/256 (default: by --optimizer, "
+                        f"{BASE_LR})")
     p.add_argument("--warmup-epochs", type=float, default=None,
                    help="linear lr warm-up epochs, then cosine decay (default: 10, at most 10%% of --epochs)")
-    p.add_argument("--weight-decay", type=float, default=0.04, help="weight decay at the start (not on biases/norms)")
-    p.add_argument("--weight-decay-end", type=float, default=0.4, help="weight decay at the end (cosine schedule)")
+    p.add_argument("--weight-decay", type=float, default=None,
+                   help="weight decay at the start, not on biases/norms (default: ViT 0.04, ResNet/AlexNet 1e-4)")
+    p.add_argument("--weight-decay-end", type=float, default=None,
+                   help="weight decay at the end, cosine schedule (default: ViT 0.4, ResNet/AlexNet 1e-4)")
     p.add_argument("--clip-grad", type=float, default=3.0, help="clip each parameter's gradient norm (0 = off)")
     p.add_argument("--freeze-last-layer", type=int, default=1, help="epochs without updates of the head's last layer")
     p.add_argument("--momentum-teacher", type=float, default=0.996,
@@ -56,10 +72,12 @@ def get_args(argv=None):
                    help="BatchNorm after the head's two hidden layers. auto: on for ResNet and AlexNet backbones, "
                         "off for the ViT")
     p.add_argument("--student-temp", type=float, default=0.1, help="student temperature")
-    p.add_argument("--teacher-temp", type=float, default=0.07, help="teacher temperature after the warm-up")
+    p.add_argument("--teacher-temp", type=float, default=None,
+                   help="teacher temperature after the warm-up (default: ViT 0.07, ResNet/AlexNet 0.04)")
     p.add_argument("--warmup-teacher-temp", type=float, default=0.04, help="teacher temperature at epoch 1")
     p.add_argument("--warmup-teacher-temp-epochs", type=int, default=None,
-                   help="epochs of the linear teacher-temperature warm-up (default: 30, at most 30%% of --epochs)")
+                   help="epochs of the linear teacher-temperature warm-up (default: ViT 30, at most 30%% of "
+                        "--epochs; ResNet/AlexNet 0)")
     p.add_argument("--center-momentum", type=float, default=0.9,
                    help="momentum of the center of the teacher's outputs (1 = no centering)")
     p.add_argument("--local-crops", type=int, default=8,
@@ -67,10 +85,10 @@ def get_args(argv=None):
     p.add_argument("--local-size", type=int, default=None,
                    help="side of the local crops in px (default: 96/224 of the image side, rounded to a multiple of "
                         "8 px: 16 px at 32 px, 96 px at 224 px)")
-    p.add_argument("--global-scale", type=float, nargs=2, default=[0.4, 1.0], metavar=("MIN", "MAX"),
-                   help="area fraction range of the global crops")
-    p.add_argument("--local-scale", type=float, nargs=2, default=[0.05, 0.4], metavar=("MIN", "MAX"),
-                   help="area fraction range of the local crops")
+    p.add_argument("--global-scale", type=float, nargs=2, default=None, metavar=("MIN", "MAX"),
+                   help="area fraction range of the global crops (default: ViT 0.4 1, ResNet/AlexNet 0.14 1)")
+    p.add_argument("--local-scale", type=float, nargs=2, default=None, metavar=("MIN", "MAX"),
+                   help="area fraction range of the local crops (default: ViT 0.05 0.4, ResNet/AlexNet 0.05 0.14)")
     common.add_knn_args(p)
     common.add_common_args(p, backbone="resnet18")
     return p, p.parse_args(argv)
@@ -78,21 +96,41 @@ def get_args(argv=None):
 
 def resolve_defaults(args, img_size):
     """Defaults that depend on the data, the backbone or the run length, written into args (so the checkpoint keeps
-    them)."""
+    them). The optimiser, weight decay, crop scales and teacher temperature follow the backbone (RECIPES), each
+    unless given; the lr follows the optimiser. Returns a line that says which recipe and what was given."""
+    vit = args.backbone.startswith("vit")
+    recipe = RECIPES["vit" if vit else "convnet"]
+    given = [k for k in recipe if getattr(args, k) is not None] + ["lr"] * (args.lr is not None)
+    for k, v in recipe.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    if args.lr is None:
+        args.lr = BASE_LR[args.optimizer]
     if args.local_size is None:  # 96/224 of the image side (the paper's 96 px on 224 px), a multiple of 8 px
         args.local_size = max(8, round(img_size * 96 / 224 / 8) * 8)
     if args.warmup_epochs is None:
         args.warmup_epochs = common.default_warmup_epochs(args.epochs)
-    if args.warmup_teacher_temp_epochs is None:  # the reference's 30 epochs, at most 30% of the run
-        args.warmup_teacher_temp_epochs = min(30, round(0.3 * args.epochs))
+    if args.warmup_teacher_temp_epochs is None:  # ViT: the paper's 30 epochs, at most 30% of the run; convnets: none
+        args.warmup_teacher_temp_epochs = min(30, round(0.3 * args.epochs)) if vit else 0
     if args.head_bn == "auto":
-        args.head_bn = "off" if args.backbone.startswith("vit") else "on"
+        args.head_bn = "off" if vit else "on"
+    return (f"{'the paper' if vit else 'the reference README'}'s {'ViT' if vit else 'convnet'} recipe: "
+            f"{args.optimizer} lr {args.lr:g}, weight decay {args.weight_decay:g} -> {args.weight_decay_end:g}, "
+            f"global crops {args.global_scale[0]:g}-{args.global_scale[1]:g}, local crops {args.local_scale[0]:g}-"
+            f"{args.local_scale[1]:g}" + (f" (given: {', '.join('--' + k.replace('_', '-') for k in given)})"
+                                         if given else ""))
+
+
+def upgrade_checkpoint_args(args, saved):
+    """--resume from a checkpoint written before --optimizer existed: it was trained with AdamW."""
+    if "optimizer" not in saved:
+        args.optimizer = "adamw"
 
 
 def check_args(args):
     if args.epochs < 1 or args.batch_size < 2:
         common.fail(f"--epochs must be >= 1 and --batch-size >= 2 (got {args.epochs}, {args.batch_size})")
-    if min(args.student_temp, args.teacher_temp, args.warmup_teacher_temp) <= 0:
+    if min(args.student_temp, 1 if args.teacher_temp is None else args.teacher_temp, args.warmup_teacher_temp) <= 0:
         common.fail("--student-temp, --teacher-temp and --warmup-teacher-temp must be > 0")
     if not (0 <= args.momentum_teacher <= 1 and 0 <= args.center_momentum <= 1):
         common.fail(f"--momentum-teacher and --center-momentum must be in [0, 1] (got {args.momentum_teacher}, "
@@ -100,7 +138,7 @@ def check_args(args):
     if args.local_crops < 0 or (args.local_size is not None and args.local_size < 4):
         common.fail(f"--local-crops must be >= 0 and --local-size >= 4 (got {args.local_crops}, {args.local_size})")
     for name in ("global_scale", "local_scale"):
-        lo, hi = getattr(args, name)
+        lo, hi = getattr(args, name) or (1, 1)
         if not 0 < lo <= hi <= 1:
             common.fail(f"--{name.replace('_', '-')} must be 0 < MIN <= MAX <= 1 (got {lo} {hi})")
     if min(args.out_dim, args.head_hidden, args.bottleneck) < 1:
@@ -279,13 +317,16 @@ def main(argv=None):
     loader = common.make_loader(data.train, args.batch_size // world, shuffle=True, drop_last=True,
                                 workers=args.workers, seed=args.seed, rank=rank, world=world)
     steps_per_epoch = len(loader)
-    resolve_defaults(args, data.img_size)
+    if ckpt:
+        upgrade_checkpoint_args(args, ckpt["args"])
+    recipe = resolve_defaults(args, data.img_size)
+    temp = (f"{args.warmup_teacher_temp} -> {args.teacher_temp} over {args.warmup_teacher_temp_epochs} epochs"
+            if args.warmup_teacher_temp_epochs else f"{args.teacher_temp}")
     log.print(f"{data.name}: {len(data.train)} training images at {data.img_size}px, kNN on {len(data.memory)} "
               f"labelled / {len(data.test)} test images, {data.num_classes} classes; device {device} "
-              f"({autocast.dtype or torch.float32}, {memory_format}), {world} process(es); crops 2 x "
+              f"({autocast.dtype or torch.float32}, {memory_format}), {world} process(es); {recipe}; crops 2 x "
               f"{data.img_size}px + {args.local_crops} x {args.local_size}px, warm-up {args.warmup_epochs:g} epochs, "
-              f"teacher temperature {args.warmup_teacher_temp} -> {args.teacher_temp} over "
-              f"{args.warmup_teacher_temp_epochs} epochs, head BatchNorm {args.head_bn}; run folder {out}")
+              f"teacher temperature {temp}, head BatchNorm {args.head_bn}; run folder {out}")
 
     # --- model, optimizer, schedule ---
     bb_kwargs = common.backbone_kwargs(args, data.img_size)
@@ -298,7 +339,7 @@ def main(argv=None):
         teacher = common.convert_sync_batchnorm(teacher, device)
     model, teacher = model.to(device, memory_format=memory_format), teacher.to(device, memory_format=memory_format)
     lr = common.scaled_lr(args.lr, args.batch_size)
-    optimizer = common.make_optimizer("adamw", common.param_groups(model, args.weight_decay), lr)
+    optimizer = common.make_optimizer(args.optimizer, common.param_groups(model, args.weight_decay), lr)
     total_steps, warmup_steps = args.epochs * steps_per_epoch, int(args.warmup_epochs * steps_per_epoch)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, total_steps, warmup_steps))
     start_epoch = common.restore(ckpt, rank, model=model, teacher=teacher, optimizer=optimizer, scheduler=scheduler,
