@@ -1,6 +1,7 @@
 """Context Encoders: Feature Learning by Inpainting (Pathak, Kraehenbuehl, Donahue, Darrell, Efros 2016).
-Paper: https://arxiv.org/abs/1604.07379 -- reference code: https://github.com/pathak22/context-encoder (Torch); the
-CIFAR-10 demo of Berkeley's CS294-158: https://github.com/wilson1yan/cs294-158-ssl (deepul_helper/tasks/context_encoder.py)
+Paper: https://arxiv.org/abs/1604.07379 -- reference code: https://github.com/pathak22/context-encoder (Torch);
+the CIFAR-10 demo of Berkeley's CS294-158: https://github.com/wilson1yan/cs294-158-ssl
+(deepul_helper/tasks/context_encoder.py)
 
 Part of every image is hidden: filled with the mean pixel (the central square, random blocks or random blob-shaped
 regions), or the whole image gets Gaussian noise (the denoising autoencoder the paper compares with). An encoder f
@@ -9,9 +10,9 @@ it with the original (optionally plus an adversarial loss, eq. 2-3). To fill a h
 what surrounds it. The encoder f is kept: its code is the representation; the decoder is thrown away.
 docs/context_encoder.md has the details.
 
-    python context_encoder.py --data shapes --shapes-n 1000 500 --width 8 --epochs 8 --batch-size 32 \\
-        --optimizer adam --device cpu                          # offline quick start, ~30 s on one CPU core
-    python context_encoder.py --data cifar10 --width 32 --epochs 3 --optimizer adam --device cpu   # CIFAR-10, CPU
+    python context_encoder.py --data shapes --shapes-n 2000 500 --width 8 --epochs 8 --batch-size 32 \\
+        --device cpu                                           # offline quick start (the test's run), ~20 s, 1 core
+    python context_encoder.py --data cifar10 --width 16 --epochs 5 --device cpu   # CIFAR-10 on a CPU, ~15 min
     python context_encoder.py --data cifar10 --img-size 128 --epochs 200     # GPU: the demo's recipe (128 px)
     python context_encoder.py --data imagenette --mask region --adv          # random regions, L2 + adversarial
     python visualize.py inpaint --ckpt runs/<run>/last.pt                    # corrupted, reconstruction, original
@@ -235,8 +236,8 @@ def up(c_in, c_out, stride=2):
 
 class ContextEncoder(nn.Module):
     """g(f(x~)): encoder f, a bottleneck to a (8 x width)-channel 4x4 map, up-convolutions that halve the channels and
-    double the side up to out_size (the centre S/2 for `center`, else the image), a linear 3-channel output (the
-    image is normalised, so no tanh).
+    double the side up to out_size (the centre S/2 for `center`, else the image), then tanh as the reference (whose
+    images are in [-1, 1]), read as pixels in [0, 1] and normalised like the input.
 
     The bottleneck: conv_stack's code is already a fully connected layer over the last map (the reference and the
     demo), so a 4x4 up-convolution reads it (1x1 -> 4x4); AlexNet's pool5 and ResNet's layer4 map go through the
@@ -258,7 +259,8 @@ class ContextEncoder(nn.Module):
         self.decoder = nn.Sequential(*[up(chans[i], chans[i + 1]) for i in range(steps)])
 
     def forward(self, x):
-        return self.decoder(self.bottleneck(encoder_map(self.encoder, x)))
+        out = self.decoder(self.bottleneck(encoder_map(self.encoder, x)))  # (N, 3, T, T)
+        return normalize((torch.tanh(out) + 1) / 2)
 
 
 def build_model(args, img_size):
