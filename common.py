@@ -1151,6 +1151,7 @@ def save_training_checkpoint(path, rank, world, **state):
 def finish(out, rank, world, log, summary):
     """Write summary.json and print it (rank 0); leave the torchrun process group. Returns the summary."""
     if rank == 0:
+        log.begin()
         with open(os.path.join(out, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
         log.print("summary " + json.dumps(summary))
@@ -1173,16 +1174,23 @@ class RunLog:
     def __init__(self, out, args, enabled=True, start_epoch=0):
         self.out, self.enabled, self.args, self.start_epoch = out, enabled, args, start_epoch
         self.t0, self.images, self.t_plot = time.time(), 0, 0.0
-        if not enabled:
+        self.begun = not enabled
+
+    def begin(self):
+        """Create the run folder, write args.json (with the defaults the script has resolved by now) and keep only
+        the epochs of metrics.jsonl before the checkpoint's (all of them on a resume; none on a fresh run). Called
+        by the first step, epoch or summary: a run that stops on bad input before that leaves the folder as it was."""
+        if self.begun:
             return
-        os.makedirs(out, exist_ok=True)
-        with open(os.path.join(out, "args.json"), "w") as f:
-            json.dump(vars(args), f, indent=2)
-        path = os.path.join(out, "metrics.jsonl")
-        if os.path.exists(path):  # resuming: keep only the epochs before the checkpoint's
+        self.begun = True
+        os.makedirs(self.out, exist_ok=True)
+        with open(os.path.join(self.out, "args.json"), "w") as f:
+            json.dump(vars(self.args), f, indent=2)
+        path = os.path.join(self.out, "metrics.jsonl")
+        if os.path.exists(path):
             rows = [json.loads(line) for line in open(path) if line.strip()]
             with open(path, "w") as f:
-                f.writelines(json.dumps(r) + "\n" for r in rows if r.get("epoch", 0) <= start_epoch)
+                f.writelines(json.dumps(r) + "\n" for r in rows if r.get("epoch", 0) <= self.start_epoch)
 
     def print(self, *a):
         if self.enabled:
@@ -1192,6 +1200,7 @@ class RunLog:
         """Call after every training step: `epoch` and `step` count from 0, `steps` per epoch, `images` processed
         in this step by all ranks. Prints a progress line (speed, ETA) every --log-every steps and at epoch end."""
         self.images += images
+        self.begin()
         if not self.enabled or ((step + 1) % self.args.log_every and step + 1 != steps):
             return
         done = (epoch - self.start_epoch) * steps + step + 1  # steps of this run (not of the resumed part)
@@ -1206,6 +1215,7 @@ class RunLog:
         """End of an epoch: print the metrics, append them to metrics.jsonl, redraw curves.png."""
         if not self.enabled:
             return
+        self.begin()
         print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()), flush=True)
         with open(os.path.join(self.out, "metrics.jsonl"), "a") as f:
             f.write(json.dumps(metrics) + "\n")

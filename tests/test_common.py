@@ -4,26 +4,18 @@ import json
 import math
 import os
 import pickle
-import socket
 import struct
-import subprocess
-import sys
 import tarfile
-import time
 
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from PIL import Image
 
-from util import HERE, expect_exit, free_port, random_init_knn, run_script, runs_at, tmpdir
+from util import expect_exit, runs_at, tmpdir
 import common
-import deepcluster
-import imagenet_mnist as im
 import knn_eval
 import simclr
-import visualize
 
 
 # Augmentations
@@ -401,10 +393,26 @@ def test_runlog_metrics_and_curves():
     assert len(open(os.path.join(d, "metrics.jsonl")).readlines()) == 3
     im = Image.open(os.path.join(d, "curves.png"))
     assert im.size[0] > 300 and np.asarray(im.convert("L")).std() > 5
-    common.RunLog(d, argparse.Namespace(a=1), start_epoch=2)  # resuming from epoch 2 drops epoch 3
+    log = common.RunLog(d, argparse.Namespace(a=1), start_epoch=2)  # resuming from epoch 2 drops epoch 3 ...
+    assert len(open(os.path.join(d, "metrics.jsonl")).readlines()) == 3  # ... once the run begins, not before
+    log.begin()
     assert [json.loads(x)["epoch"] for x in open(os.path.join(d, "metrics.jsonl"))] == [1, 2]
     assert json.load(open(os.path.join(d, "args.json"))) == {"a": 1}
     assert common.fmt_time(3725) == "1:02:05"
+
+
+def test_a_run_stopped_by_bad_input_leaves_its_folder_as_it_was(tmp_path):
+    """A typo in --data with --out pointing at an earlier run must not erase that run's metrics.jsonl or args.json
+    (the run folder is written at the first step); a run that trains writes args.json with its resolved defaults."""
+    d = str(tmp_path)
+    tiny = ["--data", "shapes", "--shapes-n", "32", "16", "--width", "2", "--batch-size", "16", "--epochs", "1",
+            "--device", "cpu", "--out", d, "--log-every", "1000"]
+    simclr.main(tiny)
+    before = {f: open(os.path.join(d, f)).read() for f in ("args.json", "metrics.jsonl")}
+    assert json.loads(before["args.json"])["jitter_strength"] is not None  # resolved from the image size
+    expect_exit(lambda: simclr.main(tiny + ["--data", "/no/such/folder"]), "dataset folder not found")
+    expect_exit(lambda: simclr.main(tiny + ["--batch-size", "64"]), "larger than the dataset")
+    assert before == {f: open(os.path.join(d, f)).read() for f in ("args.json", "metrics.jsonl")}
 
 
 # ================================================================================================================

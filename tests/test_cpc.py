@@ -4,7 +4,6 @@ import math
 import os
 
 import torch
-import torch.nn.functional as F
 
 from util import expect_exit, free_port, random_init_knn
 import common
