@@ -266,11 +266,14 @@ def test_bench_pipeline_reports_speed_flops_and_peak():
 def test_simclr_trains_on_shapes(tmp_path):
     """End to end on the synthetic shapes, on the CPU (the README's quick-start command): SimCLR optimises its
     objective (the NT-Xent loss falls, the contrastive accuracy rises) and its representation classifies shapes
-    clearly better than a random-init encoder of the same architecture: weighted-kNN top-1 at least 8 points above
-    (measured with one thread: 53.8% vs 35.6%; 55.8% with --seed 1)."""
-    s = simclr.main(["--data", "shapes", "--shapes-n", "2000", "500", "--width", "4", "--epochs", "8",
-                     "--batch-size", "64", "--optimizer", "adamw", "--lr", "4e-3", "--weight-decay", "1e-4",
-                     "--crop-min-scale", "0.2", "--device", "cpu", "--out", str(tmp_path), "--log-every", "1000"])
+    clearly better than the same encoder at random init: weighted-kNN top-1 at least 8 points above. Measured in fp32,
+    NCHW, one thread, Zen 4, with seeds 0 / 1 / 2 (--seed draws the images and the weights; each against its own
+    random init): kNN 59.4 / 59.4 / 57.4% vs 35.6 / 38.6 / 40.2% (+23.8 / +20.8 / +17.2), loss falls 0.76 / 0.83 /
+    0.77, contrastive accuracy x4.2 / x5.4 / x5.2. (The earlier recipe, lr 4e-3 for 8 epochs: +19.4 / +13.4 / +0.6.)"""
+    s = simclr.main(["--data", "shapes", "--shapes-n", "2000", "500", "--width", "4", "--epochs", "6",
+                     "--batch-size", "64", "--optimizer", "adamw", "--lr", "1e-2", "--weight-decay", "1e-4",
+                     "--crop-min-scale", "0.2", "--amp", "off", "--device", "cpu", "--out", str(tmp_path),
+                     "--log-every", "1000"])
     base = random_init_knn(common.load_dataset("shapes", shapes_n=(2000, 500)), width=4, small_stem=True)
     rows = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
     print(f"    loss {rows[0]['loss']:.3f} -> {rows[-1]['loss']:.3f}, contrastive acc {rows[0]['contrastive_acc']:.4f} -> "
