@@ -7,7 +7,7 @@ import os
 
 import torch
 
-from util import expect_exit, torchrun
+from util import expect_exit, torchrun_workers
 import common
 import context_encoder as ce
 import visualize
@@ -235,8 +235,9 @@ def test_context_encoder_bad_input_errors(tmp_path):
 
 
 def test_context_encoder_torchrun_two_processes_on_cpu(tmp_path):
-    r = torchrun(2, "context_encoder.py", "--data", "shapes", "--shapes-n", "128", "64", "--epochs", "1", "--width",
-                 "4", "--batch-size", "64", "--device", "cpu", "--out", str(tmp_path), "--knn-every", "1", "--adv")
+    r = torchrun_workers(2, "context_encoder.py", "--data", "shapes", "--shapes-n", "128", "64", "--epochs", "1",
+                         "--width", "4", "--batch-size", "64", "--device", "cpu", "--out", str(tmp_path), "--knn-every",
+                         "1", "--adv")
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.load(open(tmp_path / "summary.json"))
     assert summary["world_size"] == 2 and summary["knn_top1"] is not None and "2 process(es)" in r.stdout

@@ -6,7 +6,7 @@ import os
 import numpy as np
 import torch
 
-from util import expect_exit, random_init_knn, torchrun
+from util import expect_exit, random_init_knn, torchrun_workers
 import common
 import deepcluster
 
@@ -258,7 +258,8 @@ def test_deepcluster_bad_input_errors(tmp_path):
     for extra, words in cases:
         expect_exit(lambda: deepcluster.main(base + extra), *words)
     expect_exit(lambda: deepcluster.main(base[:-2]), "--k", "got 100")  # default k = 10 x 10 classes > 64 images
-    expect_exit(lambda: deepcluster.main(base + ["--data", "/no/such/folder"]), "dataset folder not found: /no/such/folder")
+    expect_exit(lambda: deepcluster.main(base + ["--data", "/no/such/folder"]),
+                "dataset folder not found: /no/such/folder")
     # the command line (one error line, exit status 1): test_structure.py runs every script
 
 
@@ -317,7 +318,7 @@ def test_deepcluster_torchrun_two_processes_on_cpu(tmp_path):
     d1, d2 = str(tmp_path / "one"), str(tmp_path / "two")
     base = ["--data", "shapes", "--shapes-n", "130", "40", "--epochs", "1", "--width", "4", "--batch-size", "32",
             "--k", "6", "--pca-dim", "16", "--feature-batch-size", "16", "--device", "cpu", "--log-every", "1000"]
-    r = torchrun(2, "deepcluster.py", *base, "--out", d2)
+    r = torchrun_workers(2, "deepcluster.py", *base, "--out", d2)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "2 process(es)" in r.stdout
     s2 = json.load(open(os.path.join(d2, "summary.json")))

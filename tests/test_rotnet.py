@@ -7,7 +7,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from util import expect_exit, random_init_knn, torchrun
+from util import expect_exit, random_init_knn, torchrun_workers
 import common
 import deepcluster
 import rotnet
@@ -109,8 +109,8 @@ def test_rotnet_bad_input_errors(tmp_path):
 
 
 def test_rotnet_torchrun_two_processes_on_cpu(tmp_path):
-    r = torchrun(2, "rotnet.py", "--data", "shapes", "--shapes-n", "128", "64", "--epochs", "1", "--width", "4",
-                 "--batch-size", "64", "--device", "cpu", "--out", str(tmp_path), "--knn-every", "1")
+    r = torchrun_workers(2, "rotnet.py", "--data", "shapes", "--shapes-n", "128", "64", "--epochs", "1", "--width",
+                         "4", "--batch-size", "64", "--device", "cpu", "--out", str(tmp_path), "--knn-every", "1")
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.load(open(tmp_path / "summary.json"))
     assert summary["world_size"] == 2 and summary["knn_top1"] is not None and "2 process(es)" in r.stdout

@@ -6,6 +6,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 
 import torch
 
@@ -128,6 +129,35 @@ def torchrun(nproc, *args, timeout=600):
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
                            "--master_port", str(free_port()), PINNED, *args], cwd=HERE, capture_output=True,
                           text=True, timeout=timeout)
+
+
+def torchrun_workers(nproc, *args, timeout=600):
+    """What torchrun --nproc_per_node=N SCRIPT ARGS starts on one machine, without the launcher process (which costs
+    a test ~3 s of importing torch): N processes of SCRIPT with torchrun's environment (RANK, LOCAL_RANK,
+    WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT, OMP_NUM_THREADS=1), at the stated precision. If a rank
+    fails, the others are stopped (as torchrun does). Returns a CompletedProcess: the first non-zero exit status
+    (or 0), rank 0's stdout, every rank's stderr. test_simclr.py runs the real torchrun."""
+    port, procs = str(free_port()), []
+    for rank in range(nproc):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nproc),
+               "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "OMP_NUM_THREADS": "1"}
+        files = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")  # (a full pipe would block a rank)
+        procs.append((subprocess.Popen([sys.executable, PINNED, *args], cwd=HERE, env=env, text=True,
+                                       stdout=files[0], stderr=files[1]), files))
+    deadline, codes = time.time() + timeout, [None] * nproc
+    while None in codes and time.time() < deadline:
+        codes = [p.poll() for p, _ in procs]
+        if any(c not in (None, 0) for c in codes):
+            break
+        time.sleep(0.05)
+    outs = []
+    for p, files in procs:
+        if p.poll() is None:
+            p.kill()
+        p.wait()
+        outs.append([f.seek(0) or f.read() for f in files])
+    codes = [p.returncode for p, _ in procs]
+    return subprocess.CompletedProcess(args, next((c for c in codes if c), 0), outs[0][0], "".join(e for _, e in outs))
 
 
 def random_init_knn(data, backbone="resnet18", seed=0, **kw):
