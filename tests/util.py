@@ -156,6 +156,8 @@ def torchrun_workers(nproc, *args, timeout=600):
             p.kill()
         p.wait()
         outs.append([f.seek(0) or f.read() for f in files])
+        for f in files:
+            f.close()
     codes = [p.returncode for p, _ in procs]
     return subprocess.CompletedProcess(args, next((c for c in codes if c), 0), outs[0][0], "".join(e for _, e in outs))
 
