@@ -62,17 +62,26 @@ def scripts():
     return sorted({os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "*.py"))} - {"common.py", "test_all.py"})
 
 
+def module_level_problems(source):
+    """[(line, statement)] of what would make a script do more than define things on import, or run more than main()
+    as a program: any module-level statement but imports, definitions, assignments and the docstring, and a last
+    statement other than `if __name__ == "__main__": main()`."""
+    *body, last = ast.parse(source).body
+    plain = (ast.Import, ast.ImportFrom, ast.FunctionDef, ast.ClassDef, ast.Assign, ast.AnnAssign)
+    found = [(n.lineno, ast.unparse(n)[:80]) for n in body
+             if not (isinstance(n, plain) or (isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant)))]
+    if ast.unparse(last) != "if __name__ == '__main__':\n    main()":
+        found.append((last.lineno, ast.unparse(last)[:80]))
+    return found
+
+
 def test_every_script_runs_main_only_as_a_program():
-    """Each script ends with `if __name__ == "__main__": main()` and has no other statement at module level than
-    imports, definitions, assignments and its docstring: importing it runs nothing, and its command line is main()."""
-    for name in scripts():
-        tree = ast.parse(open(os.path.join(ROOT, name)).read(), name)
-        *body, last = tree.body
-        assert ast.unparse(last) == "if __name__ == '__main__':\n    main()", (name, ast.unparse(last))
-        for node in body:
-            ok = isinstance(node, (ast.Import, ast.ImportFrom, ast.FunctionDef, ast.ClassDef, ast.Assign,
-                                   ast.AnnAssign)) or (isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant))
-            assert ok, (name, node.lineno, ast.unparse(node)[:80])
+    """Importing a script runs nothing, and its command line is its main() (so the in-process bad-input tests of
+    main() are what a user gets). The check finds a call at module level and a missing guard."""
+    assert not {name: found for name in scripts()
+                if (found := module_level_problems(open(os.path.join(ROOT, name)).read()))}
+    bad = "import torch\ntorch.set_num_threads(1)\n\n\ndef main():\n    pass\n\n\nmain()\n"
+    assert module_level_problems(bad) == [(2, "torch.set_num_threads(1)"), (9, "main()")]
 
 
 def test_every_script_stops_on_bad_input_with_one_error_line(tmp_path):
